@@ -1,0 +1,131 @@
+"""Finding BraTS cases under a root folder, in either naming scheme, at any depth.
+
+A case is the set of NIfTI files in one folder that share an ID prefix. Files are matched by exact
+suffix (``_t1`` never matches ``_t1ce``). Problems found while discovering (two files for one
+modality, mixed schemes, an unrecognised NIfTI) are collected on the case, not raised, so that
+``mrisynth cases`` can show every problem of a cohort at once.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import DataError, UsageError
+from .modalities import MODALITIES, SCHEMES, SEG, parse_filename, strip_nifti_extension
+
+# BraTS 2020 case 355 ships its segmentation as W39_1998.09.19_Segm.nii
+_SEG_QUIRK_SUFFIXES = ("_segm",)
+
+
+@dataclass
+class Case:
+    """One subject: its ID, naming scheme, the files per canonical modality, and what is wrong."""
+
+    id: str
+    scheme: str
+    folder: Path
+    modalities: dict[str, Path] = field(default_factory=dict)
+    seg: Path | None = None
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def missing(self) -> list[str]:
+        """Canonical modalities with no file, in the standard order."""
+        return [m for m in MODALITIES if m not in self.modalities]
+
+    def output_name(self, modality: str, suffix: str = "") -> str:
+        """Output file name for ``modality`` in this case's naming scheme (``suffix`` e.g. ``_std``)."""
+        name = SCHEMES[self.scheme].filename(self.id, modality)
+        return name[: -len(".nii.gz")] + suffix + ".nii.gz"
+
+    def to_json(self) -> dict:
+        return {
+            "id": self.id,
+            "scheme": self.scheme,
+            "folder": str(self.folder),
+            "modalities": {m: str(p) for m, p in self.modalities.items()},
+            "seg": str(self.seg) if self.seg else None,
+            "problems": list(self.problems),
+        }
+
+
+def discover_cases(root: str | Path) -> list[Case]:
+    """All cases under ``root`` (a case folder itself, or any folder above case folders), sorted by ID."""
+    root = Path(root)
+    if not root.exists():
+        raise UsageError(f"{root}: folder not found")
+    if not root.is_dir():
+        raise UsageError(f"{root}: expected a folder of cases, found a file")
+    cases: list[Case] = []
+    for folder, _dirs, files in os.walk(root, followlinks=True):
+        cases.extend(_cases_in_folder(Path(folder), sorted(files)))
+    return sorted(cases, key=lambda c: (c.id, str(c.folder)))
+
+
+def _cases_in_folder(folder: Path, files: list[str]) -> list[Case]:
+    """Group the recognised NIfTI files of one folder into cases."""
+    by_id: dict[str, Case] = {}
+    unrecognised: list[str] = []
+    for name in files:
+        parsed = parse_filename(name)
+        if parsed is None:
+            if strip_nifti_extension(name) is not None:
+                unrecognised.append(name)
+            continue
+        case_id, scheme, modality = parsed
+        case = by_id.setdefault(case_id, Case(id=case_id, scheme=scheme, folder=folder))
+        _add_file(case, scheme, modality, folder / name)
+    _attach_quirky_segmentations(by_id, folder, unrecognised)
+    return list(by_id.values())
+
+
+def _add_file(case: Case, scheme: str, modality: str, path: Path) -> None:
+    """Record one file on its case, noting duplicates and mixed naming schemes as problems."""
+    if scheme != case.scheme:
+        case.problems.append(f"mixed naming schemes: {path.name} is {scheme}, the case is {case.scheme}")
+    if modality == SEG:
+        if case.seg is not None:
+            case.problems.append(f"two files for seg: {case.seg.name} and {path.name}")
+        else:
+            case.seg = path
+        return
+    if modality in case.modalities:
+        case.problems.append(f"two files for {modality}: {case.modalities[modality].name} and {path.name}")
+        return
+    case.modalities[modality] = path
+
+
+def _attach_quirky_segmentations(by_id: dict[str, Case], folder: Path, unrecognised: list[str]) -> None:
+    """A lone ``*_Segm.nii`` (BraTS 2020 case 355) is the segmentation of the folder's only case."""
+    quirky = [n for n in unrecognised if strip_nifti_extension(n).lower().endswith(_SEG_QUIRK_SUFFIXES)]
+    if len(by_id) != 1 or len(quirky) != 1:
+        return
+    case = next(iter(by_id.values()))
+    if case.seg is None:
+        case.seg = folder / quirky[0]
+
+
+def find_case(root: str | Path) -> Case:
+    """The single case in ``root``; a clear error when there are none or several."""
+    cases = discover_cases(root)
+    if not cases:
+        raise DataError(f"{root}: expected BraTS NIfTI files (<ID>_t1.nii.gz or <ID>-t1n.nii.gz ...), found none")
+    if len(cases) > 1:
+        ids = ", ".join(c.id for c in cases[:5])
+        raise DataError(f"{root}: expected one case, found {len(cases)} ({ids}{', ...' if len(cases) > 5 else ''})")
+    return cases[0]
+
+
+def format_table(cases: list[Case]) -> str:
+    """A plain-text table for ``mrisynth cases``: case, scheme, modalities, segmentation, problems."""
+    rows = [("case", "scheme", "modalities", "seg", "problems")]
+    for c in cases:
+        present = " ".join(m for m in MODALITIES if m in c.modalities) or "-"
+        rows.append((c.id, c.scheme, present, "yes" if c.seg else "no", "; ".join(c.problems) or "-"))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    lines = ["  ".join(r[i].ljust(widths[i]) for i in range(4)) + "  " + r[4] for r in rows]
+    n_complete = sum(1 for c in cases if not c.missing)
+    n_problems = sum(1 for c in cases if c.problems)
+    lines.append(f"{len(cases)} cases: {n_complete} with all four modalities, {n_problems} with problems")
+    return "\n".join(lines)

@@ -1,0 +1,93 @@
+"""Torch datasets over cached slices, and the one function that builds network inputs.
+
+Two target modes share one code path: a fixed target (``"flair"``: the other three modalities are
+the 3 input channels, the seed's setting) and ``"any"`` (the four modalities with the missing one
+zeroed, plus four channels saying which one is missing: 8 input channels). Training draws the
+missing modality at random per sample; validation cycles through them deterministically.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from .cache import CachedCase
+from .modalities import MODALITIES, canonical
+
+TARGET_MODES: tuple[str, ...] = (*MODALITIES, "any")
+
+
+def check_target_mode(target: str) -> str:
+    """``"any"`` or a canonical modality name (aliases such as ``t2f`` accepted)."""
+    if target == "any":
+        return target
+    return canonical(target)
+
+
+def in_channels_for(target: str) -> int:
+    """Number of network input channels for a target mode."""
+    return 2 * len(MODALITIES) if check_target_mode(target) == "any" else len(MODALITIES) - 1
+
+
+def assemble_input(stack: torch.Tensor, missing: torch.Tensor, target: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Network input and target from four-modality slices ``stack`` [B, 4, H, W].
+
+    ``missing`` [B] holds each sample's missing-modality index. Used by training and prediction
+    alike, so both see exactly the same inputs.
+    """
+    index = missing.long().view(-1, 1, 1, 1).expand(-1, 1, *stack.shape[2:])
+    target_slices = torch.gather(stack, 1, index)
+    if check_target_mode(target) == "any":
+        onehot = torch.nn.functional.one_hot(missing.long(), len(MODALITIES)).to(stack.dtype)
+        keep = 1.0 - onehot
+        inputs = torch.cat(
+            [stack * keep[:, :, None, None], onehot[:, :, None, None].expand(-1, -1, *stack.shape[2:])], dim=1
+        )
+        return inputs, target_slices
+    fixed = MODALITIES.index(check_target_mode(target))
+    others = [i for i in range(len(MODALITIES)) if i != fixed]
+    return stack[:, others], target_slices
+
+
+class SliceDataset(Dataset):
+    """Brain-containing axial slices of cached cases, cropped to ``crop``x``crop``.
+
+    Each item is ``(stack [4, crop, crop] float32, missing index)``; :func:`assemble_input` turns a
+    batch into network input and target. Randomness (missing modality, crop offset) is derived
+    from (seed, epoch, index), so a resumed run sees exactly the samples an uninterrupted one would.
+    """
+
+    def __init__(self, cases: list[CachedCase], target: str, crop: int = 160, train: bool = True, seed: int = 0):
+        self.cases = cases
+        self.target = check_target_mode(target)
+        self.crop = crop
+        self.train = train
+        self.seed = seed
+        self.epoch = 0
+        self.index = [(ci, si) for ci, case in enumerate(cases) for si in range(case.n_slices)]
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        case_i, slice_i = self.index[i]
+        slices = self.cases[case_i].slices
+        rng = np.random.default_rng([self.seed, self.epoch, i]) if self.train else None
+        x0, y0 = self._crop_origin(slices.shape[2:], rng)
+        stack = np.asarray(slices[:, slice_i, x0 : x0 + self.crop, y0 : y0 + self.crop], dtype=np.float32)
+        return torch.from_numpy(stack), self._missing(i, rng)
+
+    def _crop_origin(self, shape: tuple[int, int], rng: np.random.Generator | None) -> tuple[int, int]:
+        """Random in training, centred otherwise; windows are never smaller than the crop."""
+        spare = [max(s - self.crop, 0) for s in shape]
+        if rng is None:
+            return spare[0] // 2, spare[1] // 2
+        return int(rng.integers(spare[0] + 1)), int(rng.integers(spare[1] + 1))
+
+    def _missing(self, i: int, rng: np.random.Generator | None) -> int:
+        if self.target != "any":
+            return MODALITIES.index(self.target)
+        return int(rng.integers(len(MODALITIES))) if rng is not None else i % len(MODALITIES)

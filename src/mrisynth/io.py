@@ -1,0 +1,203 @@
+"""Reading NIfTI volumes with validation, and writing float32 NIfTI with the input's geometry.
+
+Every problem with an input file becomes a one-line :class:`DataError` naming the file, what was
+expected and what was found. Outputs are written atomically (temporary file in the destination
+folder, then rename), so a reader never sees half a volume, and never over an input file.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import nibabel as nib
+import numpy as np
+
+from .errors import DataError
+
+#: Refuse volumes with more voxels than this before allocating them (override with MRISYNTH_MAX_VOXELS).
+DEFAULT_MAX_VOXELS = 512 * 512 * 512
+AFFINE_TOLERANCE = 1e-3
+
+
+@dataclass
+class Geometry:
+    """Where a volume lives in the scanner: enough to write an output that overlays the input."""
+
+    shape: tuple[int, int, int]
+    affine: np.ndarray
+    header: nib.Nifti1Header
+    source: str  # the file the geometry was read from
+
+    @property
+    def axcodes(self) -> tuple[str, ...]:
+        return tuple(nib.aff2axcodes(self.affine))
+
+    @property
+    def zooms(self) -> tuple[float, ...]:
+        return tuple(float(z) for z in self.header.get_zooms()[:3])
+
+
+def max_voxels() -> int:
+    """The voxel limit in force (environment variable MRISYNTH_MAX_VOXELS, else the default)."""
+    value = os.environ.get("MRISYNTH_MAX_VOXELS")
+    return int(value) if value else DEFAULT_MAX_VOXELS
+
+
+def open_nifti(path: str | Path) -> nib.Nifti1Image:
+    """Open a NIfTI header (no voxel data yet), turning every failure into a one-line DataError."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: file not found")
+    if path.is_dir():
+        raise DataError(f"{path}: expected a NIfTI file, found a folder")
+    if path.stat().st_size == 0:
+        raise DataError(f"{path}: expected a NIfTI image, found an empty (0-byte) file")
+    try:
+        img = nib.load(str(path))
+    except (nib.filebasedimages.ImageFileError, OSError, EOFError, zlib.error, ValueError) as exc:
+        raise DataError(f"{path}: expected a NIfTI image, could not read its header ({_short(exc)})") from None
+    if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
+        raise DataError(f"{path}: expected a NIfTI image, found {type(img).__name__}")
+    return img
+
+
+def check_shape(path: str | Path, shape: tuple[int, ...]) -> tuple[int, int, int]:
+    """A 3D shape (a trailing singleton 4th axis is accepted), within the voxel limit."""
+    dims = tuple(int(s) for s in shape)
+    if len(dims) == 4 and dims[3] == 1:
+        dims = dims[:3]
+    if len(dims) != 3:
+        raise DataError(f"{path}: expected a 3D image, found {len(dims)}D with shape {dims}")
+    if min(dims) < 1:
+        raise DataError(f"{path}: expected a non-empty 3D image, found shape {dims}")
+    n_voxels = int(np.prod(dims, dtype=np.int64))
+    if n_voxels > max_voxels():
+        raise DataError(
+            f"{path}: image of shape {dims} has {n_voxels} voxels, more than the limit of "
+            f"{max_voxels()} (set MRISYNTH_MAX_VOXELS to raise it)"
+        )
+    return dims  # type: ignore[return-value]
+
+
+def load_volume(path: str | Path, *, allow_constant: bool = False) -> tuple[np.ndarray, Geometry]:
+    """Read a 3D image as float32 with its geometry; refuse 2D/4D, truncated, non-finite or flat data."""
+    img = open_nifti(path)
+    shape = check_shape(path, img.shape)
+    try:
+        data = np.asarray(img.dataobj, dtype=np.float32).reshape(shape)
+    except (OSError, EOFError, zlib.error, ValueError) as exc:
+        raise DataError(f"{path}: expected {shape} voxels, the file is truncated or corrupt ({_short(exc)})") from None
+    n_bad = int(np.count_nonzero(~np.isfinite(data)))
+    if n_bad:
+        raise DataError(f"{path}: expected finite values, found {n_bad} NaN or Inf voxels")
+    if not allow_constant and float(data.min()) == float(data.max()):
+        raise DataError(f"{path}: expected an image, found a constant volume (every voxel = {float(data.min()):g})")
+    return data, geometry_of(img, path)
+
+
+def geometry_of(img: nib.Nifti1Image, path: str | Path) -> Geometry:
+    """The geometry of an opened image (a private copy of its header)."""
+    shape = check_shape(path, img.shape)
+    return Geometry(shape=shape, affine=np.asarray(img.affine, dtype=np.float64), header=img.header.copy(), source=str(path))
+
+
+def check_same_grid(reference: Geometry, other: Geometry) -> None:
+    """All images of a case must share shape, orientation and affine (within 1e-3)."""
+    if reference.shape != other.shape:
+        raise DataError(
+            f"{other.source}: expected shape {reference.shape} like {Path(reference.source).name}, found {other.shape}"
+        )
+    if reference.axcodes != other.axcodes:
+        raise DataError(
+            f"{other.source}: expected orientation {''.join(reference.axcodes)} like "
+            f"{Path(reference.source).name}, found {''.join(other.axcodes)}"
+        )
+    diff = float(np.max(np.abs(reference.affine - other.affine)))
+    if diff > AFFINE_TOLERANCE:
+        raise DataError(
+            f"{other.source}: expected the same affine as {Path(reference.source).name} (within {AFFINE_TOLERANCE}), "
+            f"found a difference of {diff:.4g}"
+        )
+
+
+def output_header(geometry: Geometry) -> nib.Nifti1Header:
+    """A float32 header with the input's affine and qform/sform codes (no int16 scaling left over)."""
+    header = geometry.header.copy()
+    header.set_data_dtype(np.float32)
+    header["scl_slope"] = np.nan
+    header["scl_inter"] = np.nan
+    return header
+
+
+def write_volume(
+    path: str | Path,
+    data: np.ndarray,
+    geometry: Geometry,
+    *,
+    overwrite: bool = False,
+    protected: Iterable[str | Path] = (),
+) -> Path:
+    """Write ``data`` as float32 NIfTI in ``geometry``, atomically; never over an input file.
+
+    ``protected`` lists input files that must not be replaced. An existing output is kept unless
+    ``overwrite`` is true.
+    """
+    path = Path(path)
+    if tuple(data.shape) != tuple(geometry.shape):
+        raise ValueError(f"volume of shape {data.shape} does not match the geometry {geometry.shape}")
+    target = path.resolve()
+    for p in protected:
+        if Path(p).resolve() == target:
+            raise DataError(f"{path}: refusing to write over an input file")
+    if path.exists() and not overwrite:
+        raise DataError(f"{path}: output exists (use --overwrite to replace it)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    header = output_header(geometry)
+    qform, qcode = geometry.header.get_qform(coded=True)
+    sform, scode = geometry.header.get_sform(coded=True)
+    img = nib.Nifti1Image(np.asarray(data, dtype=np.float32), geometry.affine, header=header)
+    img.set_qform(qform if qform is not None else geometry.affine, code=int(qcode) if qcode is not None else 1)
+    img.set_sform(sform if sform is not None else geometry.affine, code=int(scode) if scode is not None else 1)
+    suffix = ".nii.gz" if path.name.lower().endswith(".gz") else ".nii"
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
+    os.close(fd)
+    try:
+        nib.save(img, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def _short(exc: BaseException) -> str:
+    """First line of an exception message, for one-line errors."""
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def read_images(paths: dict[str, str | Path]) -> tuple[dict[str, np.ndarray], Geometry]:
+    """Read the modalities of one case; they must share one grid. Geometry comes from the first."""
+    if not paths:
+        raise DataError("expected at least one image, found none")
+    volumes: dict[str, np.ndarray] = {}
+    reference: Geometry | None = None
+    # check all headers before decoding any voxel data: a mismatch costs nothing to find
+    headers = {name: geometry_of(open_nifti(p), p) for name, p in paths.items()}
+    for geometry in headers.values():
+        reference = reference or geometry
+        check_same_grid(reference, geometry)
+    for name, path in paths.items():
+        volumes[name], _ = load_volume(path)
+    return volumes, reference  # type: ignore[return-value]
+
+
+def read_segmentation(path: str | Path, geometry: Geometry) -> np.ndarray:
+    """A label volume on the case's grid, as int16 (a constant, tumour-free one is allowed)."""
+    data, seg_geometry = load_volume(path, allow_constant=True)
+    check_same_grid(geometry, seg_geometry)
+    return np.rint(data).astype(np.int16)
