@@ -52,7 +52,10 @@ def cache_key(case: Case, config: PreprocessConfig) -> str:
     """Changes whenever a source file or a preprocessing setting changes."""
     files = []
     for m in MODALITIES:
-        stat = case.modalities[m].stat()
+        try:
+            stat = case.modalities[m].stat()
+        except OSError as exc:
+            raise DataError(f"{case.modalities[m]}: file not found or unreadable ({exc.strerror or exc})") from None
         files.append([m, str(case.modalities[m].resolve()), stat.st_size, stat.st_mtime_ns])
     blob = json.dumps({"format": CACHE_FORMAT, "files": files, "config": config.to_dict()}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
@@ -64,7 +67,9 @@ def load_cached_case(case: Case, config: PreprocessConfig, cache_dir: str | Path
     if missing:
         raise DataError(f"{case.folder}: case {case.id} needs all four modalities for training, missing {', '.join(missing)}")
     folder = Path(cache_dir or default_cache_dir()) / f"{_safe(case.id)}-{cache_key(case, config)}"
-    if not (folder / "meta.json").exists():
+    if not (folder / "meta.json").exists() or not (folder / "slices.npy").exists():
+        if folder.exists():  # left incomplete by hand or by a crash: start again
+            shutil.rmtree(folder, ignore_errors=True)
         _build(case, config, folder)
     meta = json.loads((folder / "meta.json").read_text())
     slices = np.load(folder / "slices.npy", mmap_mode="r")

@@ -1,8 +1,9 @@
 """Finding BraTS cases under a root folder, in either naming scheme, at any depth.
 
 A case is the set of NIfTI files in one folder that share an ID prefix. Files are matched by exact
-suffix (``_t1`` never matches ``_t1ce``). Problems found while discovering (two files for one
-modality, mixed schemes, an unrecognised NIfTI) are collected on the case, not raised, so that
+suffix (``_t1`` never matches ``_t1ce``). Hidden files and folders (names starting with '.') are
+skipped. Problems found while discovering (two files for one modality, mixed schemes, an
+unrecognised NIfTI next to the case) are collected on the case, not raised, so that
 ``mrisynth cases`` can show every problem of a cohort at once.
 """
 from __future__ import annotations
@@ -58,14 +59,24 @@ def discover_cases(root: str | Path) -> list[Case]:
     if not root.is_dir():
         raise UsageError(f"{root}: expected a folder of cases, found a file")
     cases: list[Case] = []
-    for folder, _dirs, files in os.walk(root, followlinks=True):
-        cases.extend(_cases_in_folder(Path(folder), sorted(files)))
+    seen: set[str] = set()
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        # a symbolic link back to a folder above must not make the walk go round for ever
+        real = os.path.realpath(folder)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        # hidden entries are never cases: macOS '._X_t1.nii' resource forks (common in zip
+        # archives), '.ipynb_checkpoints', and mrisynth's own temporary output files
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        cases.extend(_cases_in_folder(Path(folder), sorted(f for f in files if not f.startswith("."))))
     return sorted(cases, key=lambda c: (c.id, str(c.folder)))
 
 
 def _cases_in_folder(folder: Path, files: list[str]) -> list[Case]:
     """Group the recognised NIfTI files of one folder into cases."""
-    by_id: dict[str, Case] = {}
+    grouped: dict[str, list[tuple[str, str, str]]] = {}
     unrecognised: list[str] = []
     for name in files:
         parsed = parse_filename(name)
@@ -74,9 +85,22 @@ def _cases_in_folder(folder: Path, files: list[str]) -> list[Case]:
                 unrecognised.append(name)
             continue
         case_id, scheme, modality = parsed
-        case = by_id.setdefault(case_id, Case(id=case_id, scheme=scheme, folder=folder))
-        _add_file(case, scheme, modality, folder / name)
-    _attach_quirky_segmentations(by_id, folder, unrecognised)
+        grouped.setdefault(case_id, []).append((name, scheme, modality))
+    by_id: dict[str, Case] = {}
+    for case_id, entries in grouped.items():
+        # the case's scheme is that of most of its files (the first scheme in SCHEMES on a tie),
+        # not that of whichever file sorts first, so outputs follow the majority
+        votes = [scheme for _name, scheme, _modality in entries]
+        scheme = max(SCHEMES, key=lambda s: (votes.count(s), -list(SCHEMES).index(s)))
+        case = by_id[case_id] = Case(id=case_id, scheme=scheme, folder=folder)
+        for name, file_scheme, modality in entries:
+            _add_file(case, file_scheme, modality, folder / name)
+    attached = _attach_quirky_segmentations(by_id, folder, unrecognised)
+    others = [n for n in unrecognised if n != attached]
+    if others:
+        note = f"unrecognised NIfTI file{'s' if len(others) > 1 else ''} in the folder: {', '.join(others)}"
+        for case in by_id.values():
+            case.problems.append(note)
     return list(by_id.values())
 
 
@@ -96,14 +120,19 @@ def _add_file(case: Case, scheme: str, modality: str, path: Path) -> None:
     case.modalities[modality] = path
 
 
-def _attach_quirky_segmentations(by_id: dict[str, Case], folder: Path, unrecognised: list[str]) -> None:
-    """A lone ``*_Segm.nii`` (BraTS 2020 case 355) is the segmentation of the folder's only case."""
+def _attach_quirky_segmentations(by_id: dict[str, Case], folder: Path, unrecognised: list[str]) -> str | None:
+    """A lone ``*_Segm.nii`` (BraTS 2020 case 355) is the segmentation of the folder's only case.
+
+    Returns the name of the file attached, if any.
+    """
     quirky = [n for n in unrecognised if strip_nifti_extension(n).lower().endswith(_SEG_QUIRK_SUFFIXES)]
     if len(by_id) != 1 or len(quirky) != 1:
-        return
+        return None
     case = next(iter(by_id.values()))
-    if case.seg is None:
-        case.seg = folder / quirky[0]
+    if case.seg is not None:
+        return None
+    case.seg = folder / quirky[0]
+    return quirky[0]
 
 
 def find_case(root: str | Path) -> Case:

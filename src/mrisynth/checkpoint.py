@@ -30,7 +30,7 @@ def checkpoint_metadata(model: torch.nn.Module, target: str, preprocess: dict, *
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "mrisynth_version": __version__,
-        "torch_version": torch.__version__,
+        "torch_version": str(torch.__version__),
         "model": dict(model.config),
         "target": target,
         "preprocess": dict(preprocess),

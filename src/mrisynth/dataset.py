@@ -35,18 +35,19 @@ def assemble_input(stack: torch.Tensor, missing: torch.Tensor, target: str) -> t
     ``missing`` [B] holds each sample's missing-modality index. Used by training and prediction
     alike, so both see exactly the same inputs.
     """
-    index = missing.long().view(-1, 1, 1, 1).expand(-1, 1, *stack.shape[2:])
-    target_slices = torch.gather(stack, 1, index)
     if check_target_mode(target) == "any":
+        index = missing.long().view(-1, 1, 1, 1).expand(-1, 1, *stack.shape[2:])
+        target_slices = torch.gather(stack, 1, index)
         onehot = torch.nn.functional.one_hot(missing.long(), len(MODALITIES)).to(stack.dtype)
         keep = 1.0 - onehot
         inputs = torch.cat(
             [stack * keep[:, :, None, None], onehot[:, :, None, None].expand(-1, -1, *stack.shape[2:])], dim=1
         )
         return inputs, target_slices
+    # a fixed target mode defines the target; ``missing`` cannot pick another modality
     fixed = MODALITIES.index(check_target_mode(target))
     others = [i for i in range(len(MODALITIES)) if i != fixed]
-    return stack[:, others], target_slices
+    return stack[:, others], stack[:, fixed : fixed + 1]
 
 
 class SliceDataset(Dataset):
@@ -73,15 +74,24 @@ class SliceDataset(Dataset):
         return len(self.index)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        if not -len(self.index) <= i < len(self.index):
+            raise IndexError(f"slice index {i} out of range for {len(self.index)} slices")
+        i = i % len(self.index)  # negative indices name the same item (and the same randomness)
         case_i, slice_i = self.index[i]
         slices = self.cases[case_i].slices
         rng = np.random.default_rng([self.seed, self.epoch, i]) if self.train else None
         x0, y0 = self._crop_origin(slices.shape[2:], rng)
-        stack = np.asarray(slices[:, slice_i, x0 : x0 + self.crop, y0 : y0 + self.crop], dtype=np.float32)
+        window = np.asarray(slices[:, slice_i, x0 : x0 + self.crop, y0 : y0 + self.crop], dtype=np.float32)
+        if window.shape[1:] == (self.crop, self.crop):
+            stack = window
+        else:  # a window smaller than the crop (small images, small min_window): pad, centred
+            stack = np.zeros((window.shape[0], self.crop, self.crop), dtype=np.float32)
+            px, py = (self.crop - window.shape[1]) // 2, (self.crop - window.shape[2]) // 2
+            stack[:, px : px + window.shape[1], py : py + window.shape[2]] = window
         return torch.from_numpy(stack), self._missing(i, rng)
 
     def _crop_origin(self, shape: tuple[int, int], rng: np.random.Generator | None) -> tuple[int, int]:
-        """Random in training, centred otherwise; windows are never smaller than the crop."""
+        """Random in training, centred otherwise (a window smaller than the crop is padded)."""
         spare = [max(s - self.crop, 0) for s in shape]
         if rng is None:
             return spare[0] // 2, spare[1] // 2

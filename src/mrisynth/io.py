@@ -7,7 +7,7 @@ folder, then rename), so a reader never sees half a volume, and never over an in
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +16,7 @@ from typing import Iterable
 import nibabel as nib
 import numpy as np
 
-from .errors import DataError
+from .errors import DataError, UsageError
 
 #: Refuse volumes with more voxels than this before allocating them (override with MRISYNTH_MAX_VOXELS).
 DEFAULT_MAX_VOXELS = 512 * 512 * 512
@@ -43,8 +43,16 @@ class Geometry:
 
 def max_voxels() -> int:
     """The voxel limit in force (environment variable MRISYNTH_MAX_VOXELS, else the default)."""
-    value = os.environ.get("MRISYNTH_MAX_VOXELS")
-    return int(value) if value else DEFAULT_MAX_VOXELS
+    value = os.environ.get("MRISYNTH_MAX_VOXELS", "").strip()
+    if not value:
+        return DEFAULT_MAX_VOXELS
+    try:
+        limit = int(value)
+    except ValueError:
+        limit = 0
+    if limit < 1:
+        raise UsageError(f"MRISYNTH_MAX_VOXELS: expected a positive whole number of voxels, found '{value}'")
+    return limit
 
 
 def open_nifti(path: str | Path) -> nib.Nifti1Image:
@@ -58,7 +66,8 @@ def open_nifti(path: str | Path) -> nib.Nifti1Image:
         raise DataError(f"{path}: expected a NIfTI image, found an empty (0-byte) file")
     try:
         img = nib.load(str(path))
-    except (nib.filebasedimages.ImageFileError, OSError, EOFError, zlib.error, ValueError) as exc:
+    except (nib.filebasedimages.ImageFileError, nib.spatialimages.HeaderDataError, OSError, EOFError, zlib.error,
+            ValueError) as exc:
         raise DataError(f"{path}: expected a NIfTI image, could not read its header ({_short(exc)})") from None
     if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
         raise DataError(f"{path}: expected a NIfTI image, found {type(img).__name__}")
@@ -83,13 +92,21 @@ def check_shape(path: str | Path, shape: tuple[int, ...]) -> tuple[int, int, int
     return dims  # type: ignore[return-value]
 
 
+def check_dtype(path: str | Path, img: nib.Nifti1Image) -> None:
+    """Voxels must be real numbers (integers or floats); complex and RGB images are refused."""
+    dtype = np.dtype(img.get_data_dtype())
+    if dtype.kind not in "biuf":
+        raise DataError(f"{path}: expected real-valued voxels (integer or float), found data type {dtype}")
+
+
 def load_volume(path: str | Path, *, allow_constant: bool = False) -> tuple[np.ndarray, Geometry]:
     """Read a 3D image as float32 with its geometry; refuse 2D/4D, truncated, non-finite or flat data."""
     img = open_nifti(path)
     shape = check_shape(path, img.shape)
+    check_dtype(path, img)
     try:
         data = np.asarray(img.dataobj, dtype=np.float32).reshape(shape)
-    except (OSError, EOFError, zlib.error, ValueError) as exc:
+    except (OSError, EOFError, zlib.error, ValueError, TypeError, nib.spatialimages.HeaderDataError) as exc:
         raise DataError(f"{path}: expected {shape} voxels, the file is truncated or corrupt ({_short(exc)})") from None
     n_bad = int(np.count_nonzero(~np.isfinite(data)))
     if n_bad:
@@ -155,7 +172,10 @@ def write_volume(
             raise DataError(f"{path}: refusing to write over an input file")
     if path.exists() and not overwrite:
         raise DataError(f"{path}: output exists (use --overwrite to replace it)")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DataError(f"{path.parent}: could not create the output folder ({_short(exc)})") from None
     header = output_header(geometry)
     qform, qcode = geometry.header.get_qform(coded=True)
     sform, scode = geometry.header.get_sform(coded=True)
@@ -163,13 +183,17 @@ def write_volume(
     img.set_qform(qform if qform is not None else geometry.affine, code=int(qcode) if qcode is not None else 1)
     img.set_sform(sform if sform is not None else geometry.affine, code=int(scode) if scode is not None else 1)
     suffix = ".nii.gz" if path.name.lower().endswith(".gz") else ".nii"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
-    os.close(fd)
+    # The temporary file is created with mode 0666 minus the umask, like any new file (mkstemp's
+    # 0600 would leave outputs unreadable to the rest of a group), and is never left behind.
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp{suffix}"
     try:
-        nib.save(img, tmp)
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        nib.save(img, str(tmp))
         os.replace(tmp, path)
+    except OSError as exc:
+        raise DataError(f"{path}: could not write the output ({_short(exc)})") from None
     finally:
-        if os.path.exists(tmp):
+        if os.path.lexists(tmp):
             os.unlink(tmp)
     return path
 

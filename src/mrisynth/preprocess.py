@@ -61,8 +61,11 @@ def normalise(volume: np.ndarray, mask: np.ndarray, low: float = 1.0, high: floa
         return np.zeros(volume.shape, dtype=np.float32), (0.0, 0.0)
     lo, hi = (float(v) for v in np.percentile(brain, [low, high]))
     out = np.zeros(volume.shape, dtype=np.float32)
-    if hi > lo:
-        out[mask] = (np.clip(brain, lo, hi) - lo) / (hi - lo)
+    # lo and hi rounded to float32 once, and the result clipped: every value lies in [0, 1], with
+    # exactly 0 at or below the low percentile and exactly 1 at or above the high one
+    lo32, hi32 = np.float32(lo), np.float32(hi)
+    if hi32 > lo32:
+        out[mask] = np.clip((brain - lo32) / (hi32 - lo32), 0.0, 1.0)
     return out, (lo, hi)
 
 
@@ -87,6 +90,8 @@ class Layout:
 
     def to_slices(self, volume: np.ndarray) -> np.ndarray:
         """Input-grid volume -> [Z, H, W] axial slices of the window (zeros where it pads)."""
+        if tuple(volume.shape) != tuple(self.shape):
+            raise ValueError(f"volume of shape {tuple(volume.shape)} does not match the layout's grid {tuple(self.shape)}")
         to_lps = nib.orientations.ornt_transform(np.asarray(self.input_ornt), CANONICAL_ORNT)
         canonical = nib.orientations.apply_orientation(volume, to_lps)
         (ix, iy), (wx, wy) = self._overlap()
@@ -96,6 +101,9 @@ class Layout:
 
     def to_volume(self, slices: np.ndarray) -> np.ndarray:
         """[Z, H, W] slices -> a volume in the input grid (0 outside the window)."""
+        expected = (self.canonical_shape[2], self.size[0], self.size[1])
+        if tuple(slices.shape) != expected:
+            raise ValueError(f"slices of shape {tuple(slices.shape)} do not match the layout's {expected}")
         (ix, iy), (wx, wy) = self._overlap()
         canonical = np.zeros(self.canonical_shape, dtype=slices.dtype)
         canonical[ix, iy] = slices.transpose(1, 2, 0)[wx, wy]
@@ -164,8 +172,16 @@ def prepare(
 ) -> PreparedCase:
     """Mask, normalise and slice the available modalities of one case (the seed's preprocessing)."""
     available = tuple(m for m in MODALITIES if m in volumes)
+    if not available:
+        raise ValueError(f"expected at least one of {', '.join(MODALITIES)}, found {', '.join(volumes) or 'none'}")
     if mask is None:
         mask = brain_mask([volumes[m] for m in available])
+    else:
+        # an integer/label mask must select voxels, not index them
+        mask = np.asarray(mask) != 0
+    for m in available:
+        if volumes[m].shape != mask.shape:
+            raise ValueError(f"{m} volume of shape {volumes[m].shape} does not match the mask's {mask.shape}")
     layout = make_layout(mask, affine, config)
     slice_mask = layout.to_slices(mask)
     z, h, w = slice_mask.shape
