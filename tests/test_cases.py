@@ -77,14 +77,14 @@ def test_quirky_segmentation_does_not_replace_a_real_one(tmp_path):
     folder = touch(tmp_path / cid, *names_for(cid, "brats2020"), "W39_Segm.nii")
     (case,) = discover_cases(tmp_path)
     assert case.seg == folder / "X_seg.nii.gz"
-    assert any("W39_Segm.nii" in p for p in case.problems)
+    assert any("W39_Segm.nii" in p for p in case.notes)
 
 
 def test_unrecognised_nifti_next_to_a_case_is_a_problem(tmp_path):
     touch(tmp_path / "X", *names_for("X", "brats2020", ("t1", "t1ce", "t2")), "X_flari.nii.gz", "notes.txt")
     (case,) = discover_cases(tmp_path)
     assert case.missing == ["flair"]
-    assert case.problems == ["unrecognised NIfTI file in the folder: X_flari.nii.gz"]
+    assert case.problems == [] and case.notes == ["unrecognised NIfTI file in the folder: X_flari.nii.gz"]
 
 
 @pytest.mark.parametrize(
@@ -188,7 +188,7 @@ def test_to_json_and_format_table(tmp_path):
     touch(tmp_path / "Bcase", *names_for("Bcase", "brats2023", ("t1", "t2", "flair")), "Bcase-t1n.nii")
     cases = discover_cases(tmp_path)
     data = json.loads(json.dumps([c.to_json() for c in cases]))
-    assert [set(d) for d in data] == [{"id", "scheme", "folder", "modalities", "seg", "problems"}] * 2
+    assert [set(d) for d in data] == [{"id", "scheme", "folder", "modalities", "seg", "problems", "notes"}] * 2
     assert data[0]["modalities"]["t1ce"] == str(tmp_path / "A" / "A_t1ce.nii.gz")
     assert data[0]["seg"] == str(tmp_path / "A" / "A_seg.nii.gz") and data[1]["seg"] is None
     assert data[1]["scheme"] == "brats2023" and len(data[1]["problems"]) == 1

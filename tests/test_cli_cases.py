@@ -53,7 +53,7 @@ def test_json(cohort, capsys):
     data = json.loads(capsys.readouterr().out)
     assert [d["id"] for d in data] == ["A_1", "BraTS-GLI-00001-000", "C_3"]
     for d in data:
-        assert set(d) == {"id", "scheme", "modalities", "seg", "problems", "folder"}
+        assert set(d) == {"id", "scheme", "modalities", "seg", "problems", "notes", "folder"}
     a, b, c = data
     assert a["scheme"] == "brats2020" and b["scheme"] == "brats2023"
     assert a["folder"] == str(cohort / "A_1")

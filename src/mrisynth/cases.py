@@ -9,6 +9,7 @@ unrecognised NIfTI next to the case) are collected on the case, not raised, so t
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,7 +29,8 @@ class Case:
     folder: Path
     modalities: dict[str, Path] = field(default_factory=dict)
     seg: Path | None = None
-    problems: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)  # make the case ambiguous: it is not used
+    notes: list[str] = field(default_factory=list)  # worth knowing, harmless (e.g. an unrecognised file)
 
     @property
     def missing(self) -> list[str]:
@@ -48,6 +50,7 @@ class Case:
             "modalities": {m: str(p) for m, p in self.modalities.items()},
             "seg": str(self.seg) if self.seg else None,
             "problems": list(self.problems),
+            "notes": list(self.notes),
         }
 
 
@@ -60,7 +63,13 @@ def discover_cases(root: str | Path) -> list[Case]:
         raise UsageError(f"{root}: expected a folder of cases, found a file")
     cases: list[Case] = []
     seen: set[str] = set()
-    for folder, dirs, files in os.walk(root, followlinks=True):
+
+    def unreadable(error: OSError) -> None:
+        if Path(error.filename or "") == root:
+            raise DataError(f"{root}: cannot read this folder ({error.strerror or error})")
+        print(f"warning: {error.filename}: cannot read this folder ({error.strerror or error}); its cases are skipped", file=sys.stderr)
+
+    for folder, dirs, files in os.walk(root, onerror=unreadable, followlinks=True):
         # a symbolic link back to a folder above must not make the walk go round for ever
         real = os.path.realpath(folder)
         if real in seen:
@@ -100,7 +109,7 @@ def _cases_in_folder(folder: Path, files: list[str]) -> list[Case]:
     if others:
         note = f"unrecognised NIfTI file{'s' if len(others) > 1 else ''} in the folder: {', '.join(others)}"
         for case in by_id.values():
-            case.problems.append(note)
+            case.notes.append(note)
     return list(by_id.values())
 
 
@@ -135,6 +144,32 @@ def _attach_quirky_segmentations(by_id: dict[str, Case], folder: Path, unrecogni
     return quirky[0]
 
 
+def check_case_files(case: Case) -> None:
+    """Deeper checks for ``mrisynth cases --strict``, recorded as problems of ``case``: the images'
+    headers (readable, 3D, one grid) and the segmentation's labels (decoded; BraTS's label set)."""
+    from .io import BRATS_LABELS, check_same_grid, geometry_of, label_problem, load_volume, open_nifti
+
+    reference = None
+    for path in [*case.modalities.values(), *([case.seg] if case.seg else [])]:
+        try:
+            geometry = geometry_of(open_nifti(path), path)
+            reference = reference or geometry
+            check_same_grid(reference, geometry)
+        except DataError as exc:
+            case.problems.append(str(exc))
+    if case.seg is None:
+        return
+    try:
+        data, _ = load_volume(case.seg, allow_constant=True)
+    except DataError as exc:
+        if str(exc) not in case.problems:
+            case.problems.append(str(exc))
+        return
+    problem = label_problem(case.seg, data, BRATS_LABELS[case.scheme])
+    if problem:
+        case.problems.append(problem)
+
+
 def find_case(root: str | Path) -> Case:
     """The single case in ``root``; a clear error when there are none or several."""
     cases = discover_cases(root)
@@ -151,7 +186,7 @@ def format_table(cases: list[Case]) -> str:
     rows = [("case", "scheme", "modalities", "seg", "problems")]
     for c in cases:
         present = " ".join(m for m in MODALITIES if m in c.modalities) or "-"
-        rows.append((c.id, c.scheme, present, "yes" if c.seg else "no", "; ".join(c.problems) or "-"))
+        rows.append((c.id, c.scheme, present, "yes" if c.seg else "no", "; ".join(c.problems + [f"note: {n}" for n in c.notes]) or "-"))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     lines = ["  ".join(r[i].ljust(widths[i]) for i in range(4)) + "  " + r[4] for r in rows]
     n_complete = sum(1 for c in cases if not c.missing)
