@@ -12,19 +12,26 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from .errors import MrisynthError
+from .errors import MrisynthError, UsageError
 
 
 def cmd_cases(args: argparse.Namespace) -> int:
-    from .cases import discover_cases, format_table
+    from .cases import check_case_files, discover_cases, format_table
 
     cases = discover_cases(args.root)
+    if args.strict:
+        for case in cases:
+            check_case_files(case)
     if args.json:
         print(json.dumps([c.to_json() for c in cases], indent=2))
     elif not cases:
         print(f"no BraTS cases found under {args.root}")
     else:
         print(format_table(cases))
+    if args.strict and any(c.problems for c in cases):
+        n = sum(1 for c in cases if c.problems)
+        print(f"mrisynth cases: error: {n} of {len(cases)} cases have problems (--strict)", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -32,6 +39,11 @@ def add_cases(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("cases", help="list the BraTS cases under a folder and what is wrong with them")
     p.add_argument("root", type=Path, help="a case folder or any folder above case folders")
     p.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
+    p.add_argument(
+        "--strict", action="store_true",
+        help="also compare each case's image headers (shape, orientation, affine) and decode its segmentation to "
+        "check the labels (BraTS {0,1,2,4}; 2023 names {0,1,2,3}); exit 1 when any case has a problem",
+    )
     p.set_defaults(func=cmd_cases)
 
 
@@ -70,7 +82,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     report = predict_folder(
         args.input, args.output, missing=args.missing, samples=args.samples, batch_size=args.batch_size,
-        overwrite=args.overwrite, device=args.device, threads=args.threads, checkpoint=args.model,
+        overwrite=args.overwrite, device=args.device, threads=args.threads, checkpoint=args.model, mask=args.mask,
     )
     for path in report.written:
         print(path)
@@ -88,17 +100,29 @@ def add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs (default: skip those cases)")
+    p.add_argument(
+        "--mask", type=Path, default=None,
+        help="brain mask NIfTI on the case's grid (nonzero = brain) replacing the computed one; --input must be one case",
+    )
     p.set_defaults(func=cmd_predict)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .evaluate import evaluate_folder, format_table, write_outputs
+    from .evaluate import check_report_path, evaluate_folder, format_table, write_outputs
     from .predict import parse_missing
 
     modality = parse_missing(args.modality, "--modality") if args.modality else None
-    evaluation = evaluate_folder(args.pred, args.ref, modality=modality, figures=args.figures)
-    json_path, csv_path = write_outputs(evaluation, args.out or Path(args.pred) / "evaluation.json")
+    if not args.pred.is_dir():
+        raise UsageError(f"{args.pred}: expected a folder of predictions")
+    out = args.out or args.pred / "evaluation.json"
+    check_report_path(out)
+    evaluation = evaluate_folder(args.pred, args.ref, modality=modality, figures=args.figures, strict=args.strict)
+    json_path, csv_path = write_outputs(evaluation, out)
     print(format_table(evaluation))
+    for warning in evaluation.warnings:
+        print(f"mrisynth evaluate: warning: {warning}", file=sys.stderr)
+    for note in evaluation.notes():
+        print(f"note: {note}", file=sys.stderr)
     for name in evaluation.unmatched:
         print(f"no reference case for {name}", file=sys.stderr)
     for case_id, error in evaluation.failed:
@@ -114,10 +138,51 @@ def add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--modality", default=None, help="score only predictions of this modality (default: all found)")
     p.add_argument("--out", type=Path, default=None, help="JSON report (a CSV with the same stem is written beside it; default PRED/evaluation.json)")
     p.add_argument("--figures", type=Path, default=None, help="folder for one PNG per case and a summary PNG")
+    p.add_argument(
+        "--strict", action="store_true",
+        help="a reference segmentation with labels outside BraTS's set ({0,1,2,4}; {0,1,2,3} for 2023 names) fails "
+        "its case (default: a one-line warning, and the case is scored with tumour = label > 0)",
+    )
     p.set_defaults(func=cmd_evaluate)
 
 
-COMMANDS = [add_cases, add_predict, add_evaluate, add_train]
+def cmd_phantom(args: argparse.Namespace) -> int:
+    from .phantom import make_cohort
+
+    if args.cases < 1:
+        raise UsageError(f"--cases {args.cases}: expected at least 1")
+    ids = make_cohort(args.out, args.cases, seed=args.seed, naming=args.naming, progress=True)
+    print(f"wrote {len(ids)} phantom cases to {args.out}")
+    return 0
+
+
+def add_phantom(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("phantom", help="write a cohort of digital brain phantoms with tumours (BraTS layout)")
+    p.add_argument("--out", type=Path, required=True, help="folder to write the case folders into")
+    p.add_argument("--cases", type=int, default=10, help="number of cases (default 10)")
+    p.add_argument("--seed", type=int, default=0, help="cohort seed (default 0); same seed, same cases")
+    p.add_argument("--naming", choices=["brats2020", "brats2023"], default="brats2020",
+                   help="file naming scheme (default brats2020: <ID>_flair.nii.gz; brats2023: <ID>-t2f.nii.gz)")
+    p.set_defaults(func=cmd_phantom)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import main as demo_main
+
+    return demo_main(args.out, cases=args.cases, minutes=args.minutes, seed=args.seed, test_cases=args.test_cases)
+
+
+def add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="the whole job on generated phantoms: data, training, synthesis, scores, figures")
+    p.add_argument("--out", type=Path, default=Path("mrisynth-demo"), help="output folder (default ./mrisynth-demo)")
+    p.add_argument("--cases", type=int, default=8, help="phantom cases in all (default 8)")
+    p.add_argument("--test-cases", type=int, default=2, help="of which held out for scoring (default 2)")
+    p.add_argument("--minutes", type=float, default=3.0, help="training budget in minutes (default 3)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the phantoms and the training (default 0)")
+    p.set_defaults(func=cmd_demo)
+
+
+COMMANDS = [add_demo, add_cases, add_phantom, add_train, add_predict, add_evaluate]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -144,6 +209,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"mrisynth {args.command}: interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:  # the file system refused (permissions, a full disk, a file where a folder should be)
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"mrisynth {args.command}: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 1
+    except MemoryError:
+        print(f"mrisynth {args.command}: error: out of memory (try a smaller --batch-size)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
