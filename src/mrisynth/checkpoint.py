@@ -10,8 +10,9 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import tempfile
-import zipfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -54,27 +55,65 @@ def save_checkpoint(path: str | Path, checkpoint: dict) -> Path:
 
 
 def load_checkpoint(path: str | Path) -> dict:
-    """Load a ``.pt`` checkpoint or a ``.safetensors`` export, never unpickling arbitrary objects."""
+    """Load a ``.pt`` checkpoint or a ``.safetensors`` export, never unpickling arbitrary objects.
+
+    Every failure is a one-line :class:`DataError` naming the file: a pickle that would build an
+    object other than tensors and plain types (and so could run code) is refused, not loaded.
+    """
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path}: expected a checkpoint file (.pt or .safetensors), found a folder")
     if not path.is_file():
         raise DataError(f"{path}: checkpoint not found")
+    if path.stat().st_size == 0:
+        raise DataError(f"{path}: expected an mrisynth checkpoint, found an empty (0-byte) file")
     if path.suffix == ".safetensors":
         return _load_safetensors(path)
+    with open(path, "rb") as handle:
+        magic = handle.read(4)
+    if not magic.startswith((b"PK\x03\x04", b"\x80")):  # torch.save writes a zip archive (or, legacy, a pickle)
+        raise DataError(f"{path}: expected an mrisynth checkpoint, the file is not one (neither a zip archive nor a pickle)")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # the restricted unpickler's warnings about odd files are noise here
+            warnings.simplefilter("ignore")
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unsafe content"
-        raise DataError(f"{path}: refused to load, the checkpoint holds more than tensors and plain types ({first[:200]})") from None
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as exc:
-        raise DataError(f"{path}: expected an mrisynth checkpoint, the file is truncated or not a checkpoint ({str(exc)[:120]})") from None
+        text = str(exc)
+        if "weights only" not in text.lower():  # a damaged or foreign pickle, not a refused object
+            raise DataError(f"{path}: expected an mrisynth checkpoint, the file is truncated or not a checkpoint ({_first_line(exc)})") from None
+        found = re.search(r"GLOBAL ([\w.]+)", text)
+        if found:
+            raise DataError(
+                f"{path}: refused to load: the checkpoint holds an object other than tensors and plain types "
+                f"({found.group(1)}), which could run code when unpickled"
+            ) from None
+        reason = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)
+        raise DataError(
+            f"{path}: refused to load: the file holds pickle content that the restricted loader does not accept"
+            + (f" ({reason.group(1).strip()[:120]})" if reason else "")
+        ) from None
+    except Exception as exc:  # noqa: BLE001 - an untrusted file may fail in any way: never a traceback
+        raise DataError(f"{path}: expected an mrisynth checkpoint, the file is truncated or not a checkpoint ({_first_line(exc)})") from None
     return check_metadata(path, checkpoint)
+
+
+def _first_line(exc: BaseException, limit: int = 120) -> str:
+    """The first line (first sentence, when long) of an exception message, or its type name, for one-line errors."""
+    lines = str(exc).strip().splitlines()
+    line = lines[0] if lines else type(exc).__name__
+    if len(line) > limit and ". " in line:
+        line = line.split(". ")[0]
+    return line[:limit]
 
 
 def check_metadata(path: str | Path, checkpoint: Any) -> dict:
     """Refuse checkpoints of another program or of a newer mrisynth format, with a clear message."""
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT:
-        raise DataError(f"{path}: expected an mrisynth checkpoint, found another kind of file")
+        what = "a dict without mrisynth's 'format' entry" if isinstance(checkpoint, dict) else f"a {type(checkpoint).__name__}"
+        raise DataError(f"{path}: expected an mrisynth checkpoint, found {what} (another program's file?)")
     version = checkpoint.get("format_version", 0)
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise DataError(f"{path}: expected an integer checkpoint format version, found {version!r}")
     if version > FORMAT_VERSION:
         raise DataError(
             f"{path}: checkpoint format {version} was written by a newer mrisynth "
@@ -83,6 +122,11 @@ def check_metadata(path: str | Path, checkpoint: Any) -> dict:
     for key in ("model", "target", "preprocess", "state_dict"):
         if key not in checkpoint:
             raise DataError(f"{path}: mrisynth checkpoint without '{key}'")
+    for key in ("model", "preprocess", "state_dict"):
+        if not isinstance(checkpoint[key], dict):
+            raise DataError(f"{path}: expected '{key}' to be a mapping in the checkpoint, found {type(checkpoint[key]).__name__}")
+    if not isinstance(checkpoint["model"].get("name"), str):
+        raise DataError(f"{path}: the checkpoint's model has no name")
     return checkpoint
 
 
@@ -110,22 +154,24 @@ def export_safetensors(checkpoint: dict, path: str | Path) -> Path:
 
 def _load_safetensors(path: Path) -> dict:
     """A checkpoint dict from a safetensors export (metadata embedded, or in the JSON beside it)."""
-    from safetensors import SafetensorError
     from safetensors.torch import load_file, safe_open
 
     try:
         with safe_open(str(path), framework="pt") as handle:
             embedded = (handle.metadata() or {}).get("mrisynth")
         state_dict = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise DataError(f"{path}: expected safetensors weights, could not read them ({str(exc)[:120]})") from None
+    except Exception as exc:  # noqa: BLE001 - an untrusted file may fail in any way: never a traceback
+        raise DataError(f"{path}: expected safetensors weights, could not read them ({_first_line(exc)})") from None
     json_path = path.with_suffix(".json")
-    if embedded:
-        meta = json.loads(embedded)
-    elif json_path.is_file():
-        meta = json.loads(json_path.read_text())
-    else:
+    if not embedded and not json_path.is_file():
         raise DataError(f"{path}: safetensors weights without mrisynth metadata (expected {json_path.name} beside it)")
+    source = path if embedded else json_path
+    try:
+        meta = json.loads(embedded if embedded else json_path.read_text())
+    except (ValueError, OSError) as exc:
+        raise DataError(f"{source}: expected mrisynth metadata as JSON, could not parse it ({_first_line(exc)})") from None
+    if not isinstance(meta, dict):
+        raise DataError(f"{source}: expected mrisynth metadata as a JSON object, found {type(meta).__name__}")
     return check_metadata(path, {**meta, "state_dict": state_dict})
 
 
@@ -138,9 +184,14 @@ def build_model_from_checkpoint(checkpoint: dict) -> torch.nn.Module:
     try:
         model = build_model(**config)
     except UsageError as exc:
-        raise DataError(f"checkpoint names a model this mrisynth does not have: {exc}") from None
+        raise DataError(f"checkpoint's model cannot be built by this mrisynth {__version__}: {exc}") from None
+    except (TypeError, ValueError, KeyError, RuntimeError) as exc:  # options of the wrong kind or value
+        raise DataError(f"checkpoint's model settings cannot build model '{config.get('name')}': {_first_line(exc)}") from None
     try:
         model.load_state_dict(checkpoint["state_dict"])
-    except RuntimeError as exc:
-        raise DataError(f"checkpoint weights do not fit model '{config.get('name')}': {str(exc).splitlines()[0]}") from None
+    except (RuntimeError, TypeError, ValueError, AttributeError) as exc:
+        # the first line of torch's message only says "Error(s) in loading state_dict": show the first error
+        details = [line.strip() for line in str(exc).splitlines()[1:] if line.strip()]
+        detail = details[0][:200] if details else _first_line(exc, 200)
+        raise DataError(f"checkpoint weights do not fit model '{config.get('name')}': {detail}") from None
     return model.eval()

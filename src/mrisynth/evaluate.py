@@ -20,13 +20,13 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
 from .cases import Case, discover_cases
 from .errors import DataError, MrisynthError, UsageError
-from .io import Geometry, check_same_grid, load_volume, read_images, read_segmentation
+from .io import BRATS_LABELS, Geometry, check_same_grid, load_volume, read_images, read_segmentation
 from .metrics import evaluate_volumes, summarise
 from .modalities import MODALITIES, parse_filename, strip_nifti_extension
 from .predict import check_unambiguous
@@ -89,6 +89,7 @@ class Evaluation:
     by_modality: dict[str, Any]
     failed: list[tuple[str, str]] = field(default_factory=list)
     unmatched: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # one line each, e.g. segmentation labels outside BraTS's set
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -97,8 +98,21 @@ class Evaluation:
             "summary_by_modality": self.by_modality,
             "failed": [{"case": c, "error": e} for c, e in self.failed],
             "unmatched_predictions": self.unmatched,
+            "warnings": list(self.warnings),
             "protocol": PROTOCOL,
         }
+
+    def notes(self) -> list[str]:
+        """One line per distinct per-case note (e.g. no segmentation: BraSyn SSIM skipped), with its cases."""
+        by_note: dict[str, list[str]] = {}
+        for row in self.rows:
+            if row.get("note"):
+                by_note.setdefault(row["note"], []).append(row["case"])
+        lines = []
+        for note, cases in by_note.items():
+            shown = ", ".join(cases[:5]) + (", ..." if len(cases) > 5 else "")
+            lines.append(f"{note} for {len(cases)} of {len(self.rows)} case{'s' if len(self.rows) != 1 else ''} ({shown})")
+        return lines
 
 
 @dataclass
@@ -124,7 +138,7 @@ def prediction_files(pred_dir: str | Path, modality: str | None = None) -> dict[
     found: dict[tuple[str, str], Path] = {}
     for path in sorted(pred_dir.iterdir()):
         stem = strip_nifti_extension(path.name)
-        if stem is None or stem.endswith(STD_SUFFIX) or not path.is_file():
+        if stem is None or stem.endswith(STD_SUFFIX) or path.name.startswith(".") or not path.is_file():
             continue
         parsed = parse_filename(path.name)
         if parsed is None or parsed[2] not in MODALITIES:
@@ -157,8 +171,12 @@ def pair_predictions(pred_dir: str | Path, ref_root: str | Path, modality: str |
 # --- reading and scoring --------------------------------------------------------------------
 
 
-def read_pair(pair: Pair) -> CaseData:
-    """Reference (validated), its inputs' brain mask, segmentation, and the prediction as written."""
+def read_pair(pair: Pair, strict: bool = False, warn: Callable[[str], None] | None = None) -> CaseData:
+    """Reference (validated), its inputs' brain mask, segmentation, and the prediction as written.
+
+    A segmentation with labels outside BraTS's set for the case's naming scheme is a
+    :class:`DataError` when ``strict``, else one line passed to ``warn``.
+    """
     case = pair.case
     check_unambiguous(case, list(MODALITIES))
     reference, geometry = load_volume(case.modalities[pair.modality])
@@ -170,7 +188,9 @@ def read_pair(pair: Pair) -> CaseData:
     mask = brain_mask(list(inputs.values()))
     prediction, pred_geometry = load_volume(pair.prediction, allow_constant=True)
     check_same_grid(geometry, pred_geometry)
-    seg = read_segmentation(case.seg, geometry) if case.seg else None
+    seg = None
+    if case.seg:
+        seg = read_segmentation(case.seg, geometry, labels=BRATS_LABELS[case.scheme], strict=strict, warn=warn)
     return CaseData(reference, prediction, inputs, mask, seg, geometry)
 
 
@@ -184,12 +204,16 @@ def evaluate_folder(
     ref_root: str | Path,
     modality: str | None = None,
     figures: str | Path | None = None,
+    strict: bool = False,
 ) -> Evaluation:
     """Score every prediction in ``pred_dir`` against its reference case under ``ref_root``.
 
     A pair that cannot be read is recorded in ``failed`` and the others go on. No pair at all
-    is a :class:`DataError`.
+    is a :class:`DataError`. A reference segmentation with labels outside BraTS's set is a
+    warning (in ``warnings``), or a failure of that case when ``strict``.
     """
+    if figures is not None and Path(figures).exists() and not Path(figures).is_dir():
+        raise UsageError(f"--figures {figures}: expected a folder for the figures, found a file")
     pairs, unmatched = pair_predictions(pred_dir, ref_root, modality)
     if not pairs:
         which = f" of {modality}" if modality else ""
@@ -197,10 +221,10 @@ def evaluate_folder(
             f"{pred_dir}: no prediction{which} matches a reference case under {ref_root} "
             f"(expected files named <ID>_flair.nii.gz or <ID>-t2f.nii.gz with <ID> a case under {ref_root})"
         )
-    rows, failed = [], []
+    rows, failed, warnings = [], [], []
     for pair in pairs:
         try:
-            data = read_pair(pair)
+            data = read_pair(pair, strict=strict, warn=warnings.append)
             metrics = score(data)
         except MrisynthError as exc:
             failed.append((pair.case_id, str(exc)))
@@ -222,6 +246,7 @@ def evaluate_folder(
         by_modality=_by_modality(rows),
         failed=failed,
         unmatched=unmatched,
+        warnings=warnings,
     )
 
 
@@ -275,15 +300,30 @@ def _csv_text(rows: list[dict[str, Any]]) -> str:
     return buffer.getvalue()
 
 
+def check_report_path(json_path: str | Path) -> None:
+    """The report's path must be a file name (not a folder) in a folder that is not a file: checked before scoring."""
+    json_path = Path(json_path)
+    if json_path.is_dir():
+        raise UsageError(f"--out {json_path}: expected a file name for the JSON report, found a folder")
+    for parent in json_path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UsageError(f"--out {json_path}: {parent} is a file, not a folder")
+            break
+
+
 def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "w") as handle:
             handle.write(text)
         os.replace(tmp, path)
+    except OSError as exc:
+        raise DataError(f"{path}: could not write the report ({exc.strerror or exc})") from None
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
 
 

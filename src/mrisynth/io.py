@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import os
 import secrets
+import sys
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import nibabel as nib
 import numpy as np
@@ -21,6 +22,10 @@ from .errors import DataError, UsageError
 #: Refuse volumes with more voxels than this before allocating them (override with MRISYNTH_MAX_VOXELS).
 DEFAULT_MAX_VOXELS = 512 * 512 * 512
 AFFINE_TOLERANCE = 1e-3
+
+
+class OutputExistsError(DataError):
+    """The output file exists (or was just written by another process) and overwriting was not asked for."""
 
 
 @dataclass
@@ -171,11 +176,11 @@ def write_volume(
         if Path(p).resolve() == target:
             raise DataError(f"{path}: refusing to write over an input file")
     if path.exists() and not overwrite:
-        raise DataError(f"{path}: output exists (use --overwrite to replace it)")
+        raise OutputExistsError(f"{path}: output exists (use --overwrite to replace it)")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise DataError(f"{path.parent}: could not create the output folder ({_short(exc)})") from None
+        raise DataError(f"{path.parent}: could not create the output folder ({exc.strerror or _short(exc)})") from None
     header = output_header(geometry)
     qform, qcode = geometry.header.get_qform(coded=True)
     sform, scode = geometry.header.get_sform(coded=True)
@@ -189,13 +194,33 @@ def write_volume(
     try:
         os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
         nib.save(img, str(tmp))
-        os.replace(tmp, path)
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            _rename_no_clobber(tmp, path)
+    except FileExistsError:  # written meanwhile by another process
+        raise OutputExistsError(f"{path}: output exists (use --overwrite to replace it)") from None
     except OSError as exc:
-        raise DataError(f"{path}: could not write the output ({_short(exc)})") from None
+        raise DataError(f"{path}: could not write the output ({exc.strerror or _short(exc)})") from None
     finally:
         if os.path.lexists(tmp):
             os.unlink(tmp)
     return path
+
+
+def _rename_no_clobber(tmp: Path, path: Path) -> None:
+    """Move ``tmp`` to ``path`` unless ``path`` exists (FileExistsError), atomically where the
+    file system has hard links: another process writing the same output meanwhile is not overwritten."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise
+    except OSError:  # no hard links here (some network or FAT file systems): plain rename
+        if os.path.lexists(path):
+            raise FileExistsError(str(path)) from None
+        os.replace(tmp, path)
+        return
+    os.unlink(tmp)
 
 
 def _short(exc: BaseException) -> str:
@@ -220,8 +245,52 @@ def read_images(paths: dict[str, str | Path]) -> tuple[dict[str, np.ndarray], Ge
     return volumes, reference  # type: ignore[return-value]
 
 
-def read_segmentation(path: str | Path, geometry: Geometry) -> np.ndarray:
-    """A label volume on the case's grid, as int16 (a constant, tumour-free one is allowed)."""
+#: The labels a BraTS segmentation may hold, by naming scheme: 2018-2021 use 1 necrosis, 2 oedema,
+#: 4 enhancing tumour; 2023+ renumbered enhancing tumour to 3.
+BRATS_LABELS: dict[str, tuple[int, ...]] = {"brats2020": (0, 1, 2, 4), "brats2023": (0, 1, 2, 3)}
+
+
+def label_problem(path: str | Path, data: np.ndarray, allowed: Iterable[int]) -> str | None:
+    """One line naming ``path`` when ``data`` holds values outside the label set ``allowed``, else None.
+
+    Non-integer values (a segmentation resampled with interpolation) are outside any label set.
+    """
+    allowed = tuple(sorted(int(a) for a in allowed))
+    values = np.unique(data)
+    bad = values[~np.isin(values, np.asarray(allowed, dtype=values.dtype))]
+    if bad.size == 0:
+        return None
+    shown = ", ".join(f"{float(v):g}" for v in bad[:6]) + (f", ... ({bad.size} values)" if bad.size > 6 else "")
+    n_voxels = int(np.count_nonzero(~np.isin(data, np.asarray(allowed, dtype=data.dtype))))
+    return (
+        f"{path}: expected segmentation labels {{{', '.join(map(str, allowed))}}}, "
+        f"found {shown} in {n_voxels} voxel{'s' if n_voxels != 1 else ''}"
+    )
+
+
+def read_segmentation(
+    path: str | Path,
+    geometry: Geometry,
+    *,
+    labels: Iterable[int] | None = None,
+    strict: bool = False,
+    warn: Callable[[str], None] | None = None,
+) -> np.ndarray:
+    """A label volume on the case's grid, as int16 (a constant, tumour-free one is allowed).
+
+    With ``labels`` (e.g. ``BRATS_LABELS[case.scheme]``), values outside that set are reported:
+    a :class:`DataError` when ``strict``, else one line passed to ``warn`` (default: stderr).
+    """
     data, seg_geometry = load_volume(path, allow_constant=True)
     check_same_grid(geometry, seg_geometry)
+    if labels is not None:
+        problem = label_problem(path, data, labels)
+        if problem and strict:
+            raise DataError(problem)
+        if problem:
+            (warn or _print_warning)(problem)
     return np.rint(data).astype(np.int16)
+
+
+def _print_warning(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)

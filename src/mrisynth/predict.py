@@ -13,6 +13,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 import torch
@@ -21,7 +22,7 @@ from .cases import Case, discover_cases
 from .checkpoint import build_model_from_checkpoint, load_checkpoint
 from .dataset import assemble_input, check_target_mode, in_channels_for
 from .errors import DataError, MrisynthError, UsageError
-from .io import Geometry, read_images, write_volume
+from .io import Geometry, OutputExistsError, check_same_grid, geometry_of, load_volume, open_nifti, read_images, write_volume
 from .modalities import MODALITIES, canonical
 from .preprocess import PreparedCase, PreprocessConfig, brain_mask, prepare
 
@@ -80,15 +81,21 @@ class Synthesizer:
         checkpoint = load_checkpoint(path)
         try:
             target = check_target_mode(str(checkpoint["target"]))
-        except ValueError:
+        except (ValueError, TypeError):
             raise DataError(f"{path}: checkpoint has an unknown target '{checkpoint['target']}'") from None
         in_channels = checkpoint["model"].get("in_channels") if isinstance(checkpoint["model"], dict) else None
         if in_channels != in_channels_for(target):
             raise DataError(
                 f"{path}: a '{target}' model needs {in_channels_for(target)} input channels, the checkpoint's model has {in_channels}"
             )
-        model = build_model_from_checkpoint(checkpoint)
+        try:
+            model = build_model_from_checkpoint(checkpoint)
+        except DataError as exc:
+            raise DataError(f"{path}: {exc}") from None
         config = PreprocessConfig.from_dict(checkpoint["preprocess"])
+        bad = {k: v for k, v in config.to_dict().items() if isinstance(v, bool) or not isinstance(v, (int, float))}
+        if bad:
+            raise DataError(f"{path}: expected numeric preprocessing settings in the checkpoint, found {bad}")
         return cls(model, target, config, torch_device)
 
     # --- which modality -----------------------------------------------------------------
@@ -278,6 +285,34 @@ def output_path(output_dir: str | Path, case: Case, modality: str, suffix: str =
     return path
 
 
+def input_files(case: Case) -> list[Path]:
+    """Every file of the case (all modalities and the segmentation): outputs must never replace them."""
+    return [*case.modalities.values(), *([case.seg] if case.seg else [])]
+
+
+def check_not_inputs(paths: Iterable[Path], protected: Iterable[str | Path]) -> None:
+    """Refuse, before any work, an output path that is one of the input files (e.g. ``--output`` = the case folder)."""
+    inputs = {Path(p).resolve() for p in protected}
+    for path in paths:
+        if path.resolve() in inputs:
+            raise DataError(f"{path}: refusing to write over an input file (choose another --output folder)")
+
+
+def read_mask(path: str | Path, case: Case, modality: str) -> np.ndarray:
+    """A brain mask file (nonzero = brain) for ``case``, on the grid of its inputs, as a bool array.
+
+    The header is compared with the first input modality's before any voxel is decoded.
+    """
+    reference_path = next(case.modalities[m] for m in MODALITIES if m != modality)
+    reference = geometry_of(open_nifti(reference_path), reference_path)
+    check_same_grid(reference, geometry_of(open_nifti(path), path))
+    data, _ = load_volume(path, allow_constant=True)
+    mask = data != 0
+    if not mask.any():
+        raise DataError(f"{path}: expected a brain mask (nonzero = brain), found no nonzero voxel")
+    return mask
+
+
 def planned_outputs(output_dir: str | Path, case: Case, modality: str, samples: int) -> list[Path]:
     """The files one case produces: the synthesized volume, and its std map when sampling."""
     paths = [output_path(output_dir, case, modality)]
@@ -286,10 +321,15 @@ def planned_outputs(output_dir: str | Path, case: Case, modality: str, samples: 
     return paths
 
 
-def write_result(result: SynthesisResult, output_dir: str | Path, overwrite: bool = False) -> list[Path]:
-    """Write the volume (and std map) atomically with the input's geometry; all or nothing."""
+def write_result(
+    result: SynthesisResult, output_dir: str | Path, overwrite: bool = False, protected: Iterable[str | Path] = ()
+) -> list[Path]:
+    """Write the volume (and std map) atomically with the input's geometry; all or nothing.
+
+    The case's files, and any file in ``protected`` (e.g. a brain mask), are never written over.
+    """
     case = result.case
-    protected = [*case.modalities.values(), *([case.seg] if case.seg else [])]
+    protected = [*input_files(case), *protected]
     arrays = [result.volume] + ([result.std] if result.std is not None else [])
     paths = planned_outputs(output_dir, case, result.modality, len(arrays))
     written: list[Path] = []
@@ -331,12 +371,15 @@ def predict_folder(
     checkpoint: str | Path | None = None,
     synthesizer: Synthesizer | None = None,
     progress: bool = True,
+    mask: str | Path | None = None,
 ) -> FolderReport:
     """Synthesize every case under ``input_path`` (one case folder or a root of many) into ``output_dir``.
 
     Outputs are flat in ``output_dir``, named in each case's scheme. Existing outputs are kept
     (and the case skipped) unless ``overwrite``. With several cases, a case that fails is
     reported on one line and the others go on; with a single case its error is raised.
+    ``mask`` is a brain-mask file (nonzero = brain, on the case's grid) replacing the computed
+    mask; it needs ``input_path`` to hold a single case.
     """
     check_counts(samples, batch_size)
     explicit = None if missing in (None, "auto") else parse_missing(missing)
@@ -345,14 +388,15 @@ def predict_folder(
     cases = _input_cases(input_path, output_dir)
     if not cases:
         raise DataError(f"{input_path}: expected BraTS NIfTI files (<ID>_t1.nii.gz or <ID>-t1n.nii.gz ...), found none")
+    if mask is not None and len(cases) != 1:
+        raise UsageError(f"--mask {mask}: a brain mask belongs to one case, but {input_path} holds {len(cases)} cases")
+    check_output_folder(output_dir)
     if synthesizer is None:
         if checkpoint is None:
             raise UsageError("a checkpoint is needed (--model CKPT)")
         synthesizer = Synthesizer.from_checkpoint(checkpoint, device=device)
     if explicit is not None:
         synthesizer.check_target(explicit, explicit=True)  # a usage error before any work
-    if output_dir.exists() and not output_dir.is_dir():
-        raise UsageError(f"{output_dir}: expected an output folder, found a file")
 
     report = FolderReport()
     single = len(cases) == 1
@@ -361,7 +405,7 @@ def predict_folder(
     bar = tqdm(cases, desc="predict", unit="case", disable=not progress or single, file=sys.stderr)
     for case in bar:
         try:
-            _predict_one(synthesizer, case, output_dir, explicit, samples, batch_size, overwrite, report)
+            _predict_one(synthesizer, case, output_dir, explicit, samples, batch_size, overwrite, report, mask)
         except MrisynthError as exc:
             if single or isinstance(exc, UsageError):
                 raise
@@ -370,6 +414,17 @@ def predict_folder(
     if not single and report.failed:
         tqdm.write(f"{len(report.failed)} of {len(cases)} cases failed", file=sys.stderr)
     return report
+
+
+def check_output_folder(output_dir: Path) -> None:
+    """The output folder, or the first of its parents that exists, must be a folder (checked before any work)."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise UsageError(f"{output_dir}: expected an output folder, found a file")
+    for parent in output_dir.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UsageError(f"--output {output_dir}: {parent} is a file, not a folder")
+            return
 
 
 def _input_cases(input_path: str | Path, output_dir: Path) -> list[Case]:
@@ -391,15 +446,26 @@ def _predict_one(
     batch_size: int,
     overwrite: bool,
     report: FolderReport,
+    mask_path: str | Path | None = None,
 ) -> None:
     """One case: skip it when its outputs exist, else predict and write."""
     modality = synthesizer.missing_modality(case, missing)
-    existing = [p for p in planned_outputs(output_dir, case, modality, samples) if p.exists()]
+    protected = [mask_path] if mask_path is not None else []
+    planned = planned_outputs(output_dir, case, modality, samples)
+    check_not_inputs(planned, [*input_files(case), *protected])
+    existing = [p for p in planned if p.exists()]
     if existing and not overwrite:
         report.skipped.append(case.id)
         from tqdm import tqdm
 
         tqdm.write(f"skipped: {case.id}: {existing[0]} exists (use --overwrite to replace it)", file=sys.stderr)
         return
-    result = synthesizer.predict(case, missing=modality, samples=samples, batch_size=batch_size)
-    report.written.extend(write_result(result, output_dir, overwrite=overwrite))
+    mask = read_mask(mask_path, case, modality) if mask_path is not None else None
+    result = synthesizer.predict(case, missing=modality, samples=samples, batch_size=batch_size, mask=mask)
+    try:
+        report.written.extend(write_result(result, output_dir, overwrite=overwrite, protected=protected))
+    except OutputExistsError as exc:  # another process wrote it while this one was predicting
+        report.skipped.append(case.id)
+        from tqdm import tqdm
+
+        tqdm.write(f"skipped: {case.id}: {exc}; written meanwhile by another process", file=sys.stderr)

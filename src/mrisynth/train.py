@@ -83,11 +83,13 @@ def default_config() -> dict:
 def load_config_file(path: str | Path) -> dict:
     """Settings from a YAML file (any subset of the default keys)."""
     path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"{path}: expected a YAML config file, found a folder")
     if not path.is_file():
         raise UsageError(f"{path}: config file not found")
     try:
         data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise UsageError(f"{path}: expected YAML, could not parse it ({str(exc).splitlines()[0]})") from None
     if data is None:
         return {}
@@ -613,7 +615,13 @@ def read_split(run_dir: Path) -> dict:
     path = run_dir / "splits.json"
     if not path.is_file():
         raise DataError(f"{path}: not found; a resumed run needs the split it started with")
-    return json.loads(path.read_text())
+    try:
+        split = json.loads(path.read_text())
+    except ValueError as exc:
+        raise DataError(f"{path}: expected the run's split as JSON, could not parse it ({exc})") from None
+    if not isinstance(split, dict) or not all(isinstance(split.get(k), list) for k in ("train", "val")):
+        raise DataError(f"{path}: expected {{\"train\": [...], \"val\": [...]}}, found something else")
+    return split
 
 
 def write_run_files(run_dir: Path, config: dict, split: dict) -> None:
@@ -635,7 +643,12 @@ def save_run_checkpoints(run_dir: Path, checkpoint: dict, is_best: bool) -> None
 
 
 def append_metrics_row(path: Path, row: dict) -> None:
-    new = not path.exists()
+    """One CSV row; a partial last line (a process killed while appending) is dropped first."""
+    if path.exists():
+        text = path.read_bytes()
+        if text and not text.endswith(b"\n"):
+            path.write_bytes(text[: text.rfind(b"\n") + 1])
+    new = not path.exists() or path.stat().st_size == 0
     with path.open("a", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=_METRICS_COLUMNS)
         if new:
@@ -716,6 +729,8 @@ def train(config: dict, data_root: str | Path, out_dir: str | Path, resume: bool
 def _train(env: DistEnv, overrides: dict, data_root: Path, run_dir: Path, resume: bool) -> Path:
     log = _logger(env)
     checkpoint = split = None
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UsageError(f"--out {run_dir}: expected a run folder, found a file")
     if resume:
         checkpoint = load_resume_checkpoint(run_dir, log)
         config = resume_config(checkpoint["config"], overrides, log)
