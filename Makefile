@@ -23,10 +23,13 @@ demo: setup
 test: setup
 	$(VENV)/bin/python -m pytest -q
 
+# speed (~10 min) then quality (~40 min) on a quiet 2-core CPU; both publish their summaries to
+# docs/results/ (work files stay in the git-ignored benchmarks/results/), then the trade-off figure.
 bench: setup
 	$(PIP) install -q -e ".[bench]"
-	$(VENV)/bin/python benchmarks/speed.py
-	$(VENV)/bin/python benchmarks/quality.py
+	$(VENV)/bin/python benchmarks/speed.py --publish
+	$(VENV)/bin/python benchmarks/quality.py --publish
+	$(VENV)/bin/python benchmarks/plot_tradeoff.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache

@@ -10,7 +10,6 @@ modalities), voxels outside the plain centre crop, voxels outside our window, an
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 from pathlib import Path
 
@@ -20,7 +19,8 @@ from mrisynth.cases import discover_cases
 from mrisynth.io import read_images
 from mrisynth.preprocess import PreprocessConfig, brain_mask, make_layout
 
-DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "brats18"
+from _common import DEFAULT_DATA, command_line
+
 CROP = 160
 
 
@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"no complete cases under {args.data}", file=sys.stderr)
         return 1
     config = PreprocessConfig()
-    command = " ".join(shlex.quote(a) for a in [".venv/bin/python", "benchmarks/crop_loss.py", *(argv or sys.argv[1:])])
+    command = command_line("crop_loss.py", argv)
     print(f"Command: `{command}`  ")
     print(f"Data: {len(cases)} cases from {args.data}")
     print()

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import shlex
 import statistics
 import sys
 import tempfile
@@ -31,7 +30,8 @@ from mrisynth.cases import discover_cases
 from mrisynth.dataset import SliceDataset
 from mrisynth.preprocess import PreprocessConfig
 
-DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "brats18"
+from _common import DEFAULT_DATA, command_line, cpu_model
+
 SEED_INPUTS = ("t1", "t1ce", "t2")  # the seed's three input volumes (FLAIR was its target)
 CROP = 160
 
@@ -50,16 +50,6 @@ def seed_slice(case, z: int) -> np.ndarray:
         y0 = (image.shape[1] - CROP) // 2
         channels.append(image[x0 : x0 + CROP, y0 : y0 + CROP])
     return np.stack(channels)
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -111,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     seed_median = statistics.median(seed_times)
     cache_median = statistics.median(cache_times)
     n_slices = sum(c.n_slices for c in cached)
-    command = " ".join(shlex.quote(a) for a in [".venv/bin/python", "benchmarks/loader_speed.py", *(argv or sys.argv[1:])])
+    command = command_line("loader_speed.py", argv)
 
     print(f"Command: `{command}`  ")
     print(f"Machine: {os.cpu_count()} CPUs (nproc {len(os.sched_getaffinity(0))}), {cpu_model()}, "

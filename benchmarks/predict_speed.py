@@ -30,26 +30,30 @@ from mrisynth.models import build_model
 from mrisynth.predict import SynthesisResult, Synthesizer, set_threads, write_result
 from mrisynth.preprocess import PreprocessConfig
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "brats18"
+from _common import DEFAULT_DATA as DATA
 STAGES = ("read", "preprocess", "network", "restore", "write")
 
 
-def untrained_checkpoint(folder: Path, target: str = "flair") -> Path:
-    """A default-size vae_unet checkpoint with random weights (timing does not depend on training)."""
+def untrained_checkpoint(folder: Path, target: str = "flair", model_name: str = "vae_unet") -> Path:
+    """A default-size checkpoint of ``model_name`` with random weights (timing does not depend on training).
+
+    ``target`` is a modality (a fixed-target model) or ``"any"`` (one model for all four targets).
+    """
     torch.manual_seed(0)
-    model = build_model("vae_unet", in_channels=in_channels_for(target))
+    model = build_model(model_name, in_channels=in_channels_for(target))
     checkpoint = {**checkpoint_metadata(model, target, PreprocessConfig().to_dict()), "state_dict": model.state_dict()}
     checkpoint["torch_version"] = str(checkpoint["torch_version"])  # plain type for weights_only loading
-    return save_checkpoint(folder / "untrained.pt", checkpoint)
+    name = "untrained.pt" if (model_name, target) == ("vae_unet", "flair") else f"untrained-{model_name}-{target}.pt"
+    return save_checkpoint(folder / name, checkpoint)
 
 
 def time_one_run(
-    synth: Synthesizer, case_dir: Path, out: Path, batch_size: int, samples: int
+    synth: Synthesizer, case_dir: Path, out: Path, batch_size: int, samples: int, missing: str = "flair"
 ) -> tuple[dict[str, float], SynthesisResult]:
-    """Seconds per stage for one full synthesis of FLAIR from T1, T1CE and T2."""
+    """Seconds per stage for one full synthesis of ``missing`` (FLAIR: from T1, T1CE and T2)."""
     start = time.perf_counter()
     case = find_case(case_dir)
-    result = synth.predict(case, missing="flair", samples=samples, batch_size=batch_size)
+    result = synth.predict(case, missing=missing, samples=samples, batch_size=batch_size)
     timings = dict(result.timings)
     timings["read"] += time.perf_counter() - start - sum(result.timings.values())  # case discovery
     start = time.perf_counter()

@@ -22,14 +22,14 @@ import numpy as np
 import torch
 
 from mrisynth.cache import load_cached_case
-from mrisynth.cases import Case, discover_cases
+from mrisynth.cases import Case
 from mrisynth.distributed import DistEnv
 from mrisynth.io import load_volume
 from mrisynth.modalities import MODALITIES
 from mrisynth.preprocess import PreprocessConfig, brain_mask, normalise
 from mrisynth.train import Trainer, resolve_config
 
-DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "brats18"
+from _common import DEFAULT_DATA, complete_cases
 
 
 def parse_args() -> argparse.Namespace:
@@ -45,13 +45,6 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--seed-batches", type=int, default=2, help="batches timed with the seed-style loader (slow: default 2)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     return p.parse_args()
-
-
-def complete_cases(root: Path, n: int) -> list[Case]:
-    cases = [c for c in discover_cases(root) if not c.missing and not c.problems][:n]
-    if len(cases) < n:
-        sys.exit(f"{root}: expected {n} complete cases, found {len(cases)}")
-    return cases
 
 
 def time_cached_loader(trainer: Trainer, steps: int, warmup: int) -> tuple[list[float], list[float]]:
