@@ -353,3 +353,15 @@ def test_torchrun_two_cpu_processes(data_root: Path, tmp_path: Path) -> None:
     assert checkpoint["data"]["train_cases"] == json.loads((run / "splits.json").read_text())["train"]
     assert np.isfinite(checkpoint["metrics"]["val_l1"])
     build_model_from_checkpoint(load_checkpoint(run / "best.pt"))
+
+
+def test_a_model_recipe_sits_between_the_defaults_and_the_user_settings():
+    from mrisynth.train import model_recipe, resolve_config
+
+    recipe = model_recipe("lite_vae_unet")
+    assert recipe and model_recipe("vae_unet") == {}
+    config = resolve_config({"model": "lite_vae_unet"})
+    assert (config["target"], config["lr"], config["batch_size"]) == ("any", recipe["lr"], recipe["batch_size"])
+    assert resolve_config({"model": "lite_vae_unet", "lr": 1e-3, "target": "flair"})["lr"] == 1e-3
+    seed = resolve_config({})
+    assert (seed["model"], seed["target"], seed["lr"], seed["batch_size"]) == ("vae_unet", "flair", 1e-4, 4)

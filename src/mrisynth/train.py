@@ -80,6 +80,18 @@ def default_config() -> dict:
     return yaml.safe_load(_packaged_defaults())
 
 
+def model_recipe(model: str) -> dict:
+    """A model's own training recipe (``configs/models/<model>.yaml``), or {} for the seed's.
+
+    A new architecture may need other settings than the seed's (learning rate, batch, target
+    mode); they sit between the defaults and the user's config file and flags.
+    """
+    recipe = resources.files("mrisynth").joinpath(f"configs/models/{model}.yaml")
+    if not recipe.is_file():
+        return {}
+    return yaml.safe_load(recipe.read_text()) or {}
+
+
 def load_config_file(path: str | Path) -> dict:
     """Settings from a YAML file (any subset of the default keys)."""
     path = Path(path)
@@ -115,7 +127,8 @@ def resolve_config(overrides: dict) -> dict:
     unknown = sorted(set(overrides) - set(defaults))
     if unknown:
         raise UsageError(f"unknown training setting(s) {', '.join(unknown)}. Known: {', '.join(sorted(defaults))}")
-    config = merge_config(defaults, overrides)
+    model = str(overrides.get("model", defaults["model"]))
+    config = merge_config(merge_config(defaults, model_recipe(model)), overrides)
     for key in _INT_KEYS + _FLOAT_KEYS:
         if config[key] is None and key in _OPTIONAL_KEYS:
             continue
