@@ -11,7 +11,6 @@ import json
 import os
 import pickle
 import re
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ import torch
 
 from . import __version__
 from .errors import DataError
+from .io import temp_path_beside
 
 FORMAT = "mrisynth-checkpoint"
 FORMAT_VERSION = 1
@@ -43,8 +43,7 @@ def save_checkpoint(path: str | Path, checkpoint: dict) -> Path:
     """Write atomically (temporary file in the same folder, then rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = str(temp_path_beside(path))
     try:
         torch.save(checkpoint, tmp)
         os.replace(tmp, path)
@@ -54,12 +53,30 @@ def save_checkpoint(path: str | Path, checkpoint: dict) -> Path:
     return path
 
 
+#: ``--model pretrained``: the weights shipped inside the package (see docs/model_card.md).
+PRETRAINED = "pretrained"
+PRETRAINED_FILE = "weights/lite_vae_unet_any.safetensors"
+
+
+def pretrained_path() -> Path:
+    """The packaged pretrained weights (safetensors with their metadata embedded)."""
+    from importlib import resources
+
+    path = Path(str(resources.files("mrisynth").joinpath(PRETRAINED_FILE)))
+    if not path.is_file():
+        raise DataError(f"{path}: the pretrained weights are missing from this installation of mrisynth")
+    return path
+
+
 def load_checkpoint(path: str | Path) -> dict:
     """Load a ``.pt`` checkpoint or a ``.safetensors`` export, never unpickling arbitrary objects.
 
-    Every failure is a one-line :class:`DataError` naming the file: a pickle that would build an
-    object other than tensors and plain types (and so could run code) is refused, not loaded.
+    ``path`` may be ``"pretrained"``: the weights shipped with mrisynth. Every failure is a
+    one-line :class:`DataError` naming the file: a pickle that would build an object other than
+    tensors and plain types (and so could run code) is refused, not loaded.
     """
+    if str(path) == PRETRAINED and not Path(path).exists():
+        path = pretrained_path()
     path = Path(path)
     if path.is_dir():
         raise DataError(f"{path}: expected a checkpoint file (.pt or .safetensors), found a folder")
@@ -137,8 +154,7 @@ def export_safetensors(checkpoint: dict, path: str | Path) -> Path:
     path = Path(path)
     meta = {k: v for k, v in checkpoint.items() if k not in ("state_dict", "train_state")}
     tensors = {k: v.detach().contiguous().cpu() for k, v in checkpoint["state_dict"].items()}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = str(temp_path_beside(path))
     try:
         save_file(tensors, tmp, metadata={"mrisynth": json.dumps(meta)})
         os.replace(tmp, path)

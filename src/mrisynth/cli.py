@@ -91,7 +91,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def add_predict(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("predict", help="synthesize the missing modality of one case or of every case under a folder")
-    p.add_argument("--model", required=True, type=Path, help="checkpoint (.pt or .safetensors)")
+    p.add_argument("--model", type=Path, default=Path("pretrained"),
+                   help="checkpoint (.pt or .safetensors), or pretrained: the weights shipped with mrisynth (default)")
     p.add_argument("--input", required=True, type=Path, help="a case folder or a root of case folders")
     p.add_argument("--output", required=True, type=Path, help="folder for the outputs (written flat, named like the inputs)")
     p.add_argument("--missing", default="auto", help="auto (the one absent modality), t1, t1ce, t2 or flair (t1n, t1c, t2w, t2f accepted)")

@@ -188,11 +188,9 @@ def write_volume(
     img.set_qform(qform if qform is not None else geometry.affine, code=int(qcode) if qcode is not None else 1)
     img.set_sform(sform if sform is not None else geometry.affine, code=int(scode) if scode is not None else 1)
     suffix = ".nii.gz" if path.name.lower().endswith(".gz") else ".nii"
-    # The temporary file is created with mode 0666 minus the umask, like any new file (mkstemp's
-    # 0600 would leave outputs unreadable to the rest of a group), and is never left behind.
     tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp{suffix}"
     try:
-        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        create_temp_file(tmp)
         nib.save(img, str(tmp))
         if overwrite:
             os.replace(tmp, path)
@@ -206,6 +204,18 @@ def write_volume(
         if os.path.lexists(tmp):
             os.unlink(tmp)
     return path
+
+
+def create_temp_file(tmp: Path) -> Path:
+    """Create an empty temporary file for an atomic write, with mode 0666 minus the umask like any
+    new file (mkstemp's 0600 would leave outputs unreadable to the rest of a group)."""
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    return tmp
+
+
+def temp_path_beside(path: Path) -> Path:
+    """A fresh hidden temporary file in ``path``'s folder (same file system: rename is atomic)."""
+    return create_temp_file(path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp")
 
 
 def _rename_no_clobber(tmp: Path, path: Path) -> None:
