@@ -94,5 +94,6 @@ def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
 
 # Architectures register themselves on import; keep these imports after the registry.
 from mrisynth.models import vae_unet as _vae_unet  # noqa: E402,F401
+from mrisynth.models import lite_vae_unet as _lite_vae_unet  # noqa: E402,F401
 
 __all__ = ["available_models", "build_model", "kl_divergence", "register_model"]
