@@ -2,9 +2,11 @@
 
 Why it exists: ``vae_unet`` spends 3.1 GMAC per 160x176 slice, mostly in wide convolutions at full
 and half resolution, and 9.8 M of its 13.2 M parameters in the linear layers around a 128-d global
-latent. This model does about a fifth of the work (about 0.5 GMAC per slice, 1.3 M parameters) and
-puts most of it at H/4 to H/16, where CPU convolutions run near peak.
-``benchmarks/model_speed.py`` measures it.
+latent. This model does 0.57 GMAC per slice (0.54 with 3 input channels) with 1.27 M parameters
+(5 MB in fp32) and puts most of the work at H/4 to H/16, where CPU convolutions run near peak.
+On a shared 2-core CPU it computes a 140-slice volume about 6x faster than ``vae_unet`` with 2
+threads (median; 3x to 8x from one repeat to the next with the neighbours' load) and 8x faster
+with 1 thread (``benchmarks/model_speed.py``).
 
 Layout (``b = base_channels`` = 16, level widths ``b * (1, 2, 3, 6, 8)`` = 16, 32, 48, 96, 128,
 input ``[B, in_channels, H, W]``, H and W multiples of 16):
@@ -15,42 +17,53 @@ input ``[B, in_channels, H, W]``, H and W multiples of 16):
   ``down1`` to ``down4``: 3x3 stride-2 conv -> GroupNorm -> SiLU (the first one reads the input
   directly, so the stem is off the main path). H/4, H/8 and H/16 each add one ResBlock.
   The encoder keeps two skips: ``s0`` (stem, H) and ``s1`` (``down1`` output, H/2).
-* Two spatial latents (mu and log sigma^2 each from a 1x1 conv; z = mu + sigma * eps when
-  sampling, z = mu otherwise):
+* Two spatial latents, each with 1x1 conv heads for mu and log sigma^2; z = mu + sigma * eps when
+  sampling, z = mu otherwise:
   the global latent, ``latent_channels`` (8) maps at H/16, read from the deepest features;
   the local latent, ``local_latent_channels`` (4) maps at H/4, read from the H/4 features.
   Why two: a latent only at H/16 sits behind strong skips, and a decoder can learn to ignore
-  it (posterior collapse: every posterior sample gives the same image). Here nothing bypasses
-  the latents below H/2: H/16 reaches the decoder only as z_global (as in the seed, where the
-  latent replaces the bottleneck), there is no H/8 skip, and the H/4 features reach the decoder
-  only as z_local. Sampling therefore changes the output at scales down to 4 pixels, and the
-  spread of K draws is an uncertainty map. Only H and H/2 keep deterministic skips, which
-  carry edges and local contrast.
+  it (posterior collapse: every posterior sample gives the same image; ``vae_unet``'s samples
+  differ by less than 1e-4 after short fits). Here nothing bypasses the latents below H/2:
+  H/16 reaches the decoder only as z_global (as in the seed, where the latent replaces the
+  bottleneck), there is no H/8 skip, and the H/4 features reach the decoder only as z_local.
+  Sampling therefore changes the output at scales down to 4 pixels, and the spread of K draws
+  is a per-voxel map. Only H and H/2 keep deterministic skips, for edges and local contrast.
+  The architecture makes the spread possible; how well it tracks error depends on training
+  (the encoder never sees the target, and L1 + a small KL rewards a deterministic output):
+  in a small fit where one region of the target was unpredictable, the spread there grew to
+  about 2x the spread elsewhere after about 2,000 steps, while staying far below the actual
+  error. It is a relative map, not a calibrated sigma.
 * Decoder. ``from_global``: 3x3 conv -> GroupNorm -> FiLM -> SiLU, then a ResBlock at H/16.
-  Going up: 2x2 stride-2 transposed conv (measured faster on CPU than upsample + 3x3 conv and
-  than 1x1 conv + pixel shuffle, and 9x fewer MACs than upsample + 3x3), the skip added (not
-  concatenated: that would double the next conv's input width), then a ResBlock at H/8 and
-  H/4. At H/2 and H there is no ResBlock, only the skip sum. The full-resolution end is a 3x3
-  conv + SiLU and a 1x1 head with a sigmoid, so the output is in [0, 1].
+  Going up: 2x2 stride-2 transposed conv (measured as fast as or faster than 1x1 conv + pixel
+  shuffle or bilinear upsampling, and with 9x fewer MACs than upsample + 3x3 conv), the skip
+  added (not concatenated: that would double the next conv's input width), then a ResBlock at
+  H/8 and H/4. At H/2 and H there is no ResBlock, only the skip sum. The full-resolution end is
+  a 3x3 conv + SiLU and a 1x1 head with a sigmoid, so the output is in [0, 1].
 * ResBlock: ``x + conv3x3(SiLU(FiLM(GroupNorm(conv3x3(x)))))``. GroupNorm because it does not
   depend on the batch (training at batch 4, inference at any batch size, and eval equals
-  train apart from sampling); one norm per block because on CPU each norm is a memory pass.
+  train apart from sampling). One norm per block because on CPU each norm is a memory pass.
+  Dense 3x3 convolutions, not depthwise: in a quick measurement a depthwise 3x3 was slower than
+  a dense one at 16 channels and full resolution, and 3-4x less efficient per MAC at H/4 and H/8
+  (20-30x faster for 64-128x fewer MACs), before the extra 1x1 convs and norms a depthwise
+  block needs.
 * Conditioning on the missing modality (FiLM): with ``in_channels == 8`` ("any" mode, see
   ``dataset.assemble_input``) the last 4 input channels are constant one-hot maps, so their
-  spatial mean is the one-hot vector itself. Each decoder block turns it into a per-channel
-  scale and shift, ``h * (1 + gamma) + beta``, after its GroupNorm. Only the decoder is
-  modulated: the encoder already sees the one-hot as input channels, and each FiLM costs a
-  memory pass. With any other channel count (3 = fixed target) there is no conditioning and
-  no FiLM module.
-* Memory layout: the input is converted to channels-last (NHWC) inside ``forward``. oneDNN's CPU
-  convolutions are much faster in NHWC for narrow layers (measured 1.35x to 1.6x on this model).
-  Parameters stay in the default layout, so checkpoints are unaffected. The output is
-  ``[B, out_channels, H, W]`` as usual.
+  spatial mean is the one-hot vector itself (``missing_onehot``). One linear map turns it into a
+  per-channel scale and shift, ``h * (1 + gamma) + beta``, for each of the four decoder blocks
+  (after their GroupNorm). Only the decoder is modulated: the encoder already sees the one-hot
+  as input channels, and each FiLM costs a memory pass. With any other channel count (3 =
+  fixed target) there is no conditioning and ``film`` is None.
+* Memory layout: the input is converted to channels-last (NHWC) inside ``forward`` and the
+  weights are stored channels-last: oneDNN's CPU convolutions are much faster in NHWC for narrow
+  layers (1.35x to 1.45x on this model), and stored NHWC weights are not re-laid out at every
+  call. ``checkpoint.py`` saves ``.contiguous()`` copies, and loading copies into these
+  parameters whatever the layout of the file. The output is ``[B, out_channels, H, W]``,
+  contiguous, as usual.
 
 ``forward`` returns ``(prediction, mu, logvar)`` like ``vae_unet``. mu and logvar are the two
-latents' maps, flattened and concatenated: ``[B, latent_channels * H/16 * W/16 +
-local_latent_channels * H/4 * W/4]``. ``kl_divergence`` (an element-wise mean) applies as is, and
-``split_latent`` gives the maps back.
+latents' maps, each flattened in (h, w, channel) order (a free view of an NHWC map) and
+concatenated: ``[B, latent_channels * H/16 * W/16 + local_latent_channels * H/4 * W/4]``.
+``kl_divergence`` (an element-wise mean) applies as is, and ``split_latent`` gives the maps back.
 """
 from __future__ import annotations
 
