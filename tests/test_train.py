@@ -365,3 +365,25 @@ def test_a_model_recipe_sits_between_the_defaults_and_the_user_settings():
     assert resolve_config({"model": "lite_vae_unet", "lr": 1e-3, "target": "flair"})["lr"] == 1e-3
     seed = resolve_config({})
     assert (seed["model"], seed["target"], seed["lr"], seed["batch_size"]) == ("vae_unet", "flair", 1e-4, 4)
+
+
+def test_a_run_folder_in_use_by_another_process_is_refused_and_a_stale_lock_is_taken_over(tmp_path):
+    import subprocess
+
+    from mrisynth.errors import UsageError
+    from mrisynth.train import run_folder_lock
+
+    run = tmp_path / "run"
+    run.mkdir()
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        (run / ".train.lock").write_text(str(other.pid))
+        with pytest.raises(UsageError, match="another mrisynth train"):
+            with run_folder_lock(run, is_main=True):
+                pass
+    finally:
+        other.kill()
+        other.wait()
+    with run_folder_lock(run, is_main=True):  # the owner is gone: its lock is stale
+        assert (run / ".train.lock").read_text() == str(os.getpid())
+    assert not (run / ".train.lock").exists()

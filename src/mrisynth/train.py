@@ -733,10 +733,43 @@ def train(config: dict, data_root: str | Path, out_dir: str | Path, resume: bool
     env = distributed.setup(device_choice)
     deterministic_before = torch.are_deterministic_algorithms_enabled()
     try:
-        return _train(env, overrides, Path(data_root), Path(out_dir), resume)
+        with run_folder_lock(Path(out_dir), env.is_main):
+            return _train(env, overrides, Path(data_root), Path(out_dir), resume)
     finally:
         torch.use_deterministic_algorithms(deterministic_before)
         distributed.cleanup(env)
+
+
+@contextlib.contextmanager
+def run_folder_lock(run_dir: Path, is_main: bool) -> Iterator[None]:
+    """Refuse a second ``mrisynth train`` on a run folder in use (e.g. ``--resume`` while the first
+    still runs): two writers would interleave checkpoints. A lock left by a killed run is taken over."""
+    if not is_main or (run_dir.exists() and not run_dir.is_dir()):
+        yield
+        return
+    lock = run_dir / ".train.lock"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        owner = int(lock.read_text().strip() or 0)
+    except (OSError, ValueError):
+        owner = 0
+    if owner and owner != os.getpid() and _process_alive(owner):
+        raise UsageError(f"--out {run_dir}: another mrisynth train (process {owner}) is using this run folder")
+    lock.write_text(str(os.getpid()))
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _train(env: DistEnv, overrides: dict, data_root: Path, run_dir: Path, resume: bool) -> Path:
