@@ -329,7 +329,7 @@ def markdown(report: dict) -> str:
         f"Split (seed {split['seed']}): test {', '.join(split['test'])}; {len(split['train_pool'])} training-pool cases "
         f"(networks: 20% of them for validation)  ",
         f"Training: every network run gets {settings['minutes']:g} min wall clock (validation on {settings['val_slices']} "
-        f"slices included), at most {settings['epochs']} epochs, otherwise the seed's recipe (configs/default.yaml); "
+        f"slices included), at most {settings['epochs']} epochs, otherwise each model's recipe (configs/default.yaml, overlaid by configs/models/<model>.yaml where present); "
         f"device {settings['device']}, {settings['threads']} threads.",
         "",
         "| contender | target | PSNR dB (brain) | MAE (brain) | SSIM 2D (brain) | SSIM tumour (BraSyn) | SSIM non-tumour (BraSyn) "
@@ -364,7 +364,7 @@ def markdown(report: dict) -> str:
         f"per-case difference to {SEED_MODEL} (one model per target) and the number of cases where the contender is better. "
         f"Timings: medians over the test cases of this run; compute = the network's forward passes (copy: picking the volume; "
         f"voxel-regression: features + prediction); total = read + preprocess + compute + restore + write of one "
-        f"240×240×155 case. Learning: for networks the steps of batch 4 done within the budget and the step of the "
+        f"240×240×155 case. Learning: for networks the optimizer steps (batch size of the model's recipe) done within the budget and the step of the "
         f"checkpoint used (lowest validation L1).",
     ]
     return "\n".join(lines)

@@ -58,7 +58,7 @@ def test_metrics_table_has_one_row_per_contender():
 @pytest.mark.slow
 def test_demo_runs_end_to_end_on_phantoms(tmp_path, monkeypatch):
     """Three phantoms, a tiny model and a few seconds of training: every output is produced."""
-    monkeypatch.setattr(demo, "DEMO_MODEL_OPTIONS", {"base_channels": 4, "latent_dim": 8, "latent_grid": 2})
+    monkeypatch.setattr(demo, "DEMO_MODEL_OPTIONS", {"base_channels": 4})
     out = tmp_path / "demo"
     settings = demo.DemoSettings(out=out, cases=3, test_cases=1, minutes=0.05)
     report = demo.run_demo(settings, log=lambda message: None)
