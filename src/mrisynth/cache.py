@@ -66,7 +66,7 @@ def load_cached_case(case: Case, config: PreprocessConfig, cache_dir: str | Path
     missing = case.missing
     if missing:
         raise DataError(f"{case.folder}: case {case.id} needs all four modalities for training, missing {', '.join(missing)}")
-    folder = Path(cache_dir or default_cache_dir()) / f"{_safe(case.id)}-{cache_key(case, config)}"
+    folder = Path(cache_dir or default_cache_dir()) / f"{safe_name(case.id)}-{cache_key(case, config)}"
     if not (folder / "meta.json").exists() or not (folder / "slices.npy").exists():
         if folder.exists():  # left incomplete by hand or by a crash: start again
             shutil.rmtree(folder, ignore_errors=True)
@@ -104,6 +104,6 @@ def _build(case: Case, config: PreprocessConfig, folder: Path) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _safe(case_id: str) -> str:
-    """A case ID usable as one folder name (no separators, no '..')."""
+def safe_name(case_id: str) -> str:
+    """A case ID usable as one file or folder name (no separators, no '..')."""
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in case_id).strip(".") or "case"

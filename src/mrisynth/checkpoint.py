@@ -162,20 +162,24 @@ def export_safetensors(checkpoint: dict, path: str | Path) -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
     json_path = path.with_suffix(".json")
-    tmp_json = json_path.with_name(f".{json_path.name}.tmp")
-    tmp_json.write_text(json.dumps(meta, indent=2))
-    os.replace(tmp_json, json_path)
+    tmp_json = temp_path_beside(json_path)
+    try:
+        tmp_json.write_text(json.dumps(meta, indent=2))
+        os.replace(tmp_json, json_path)
+    finally:
+        if tmp_json.exists():
+            tmp_json.unlink()
     return path
 
 
 def _load_safetensors(path: Path) -> dict:
     """A checkpoint dict from a safetensors export (metadata embedded, or in the JSON beside it)."""
-    from safetensors.torch import load_file, safe_open
+    from safetensors import safe_open
 
     try:
-        with safe_open(str(path), framework="pt") as handle:
+        with safe_open(str(path), framework="pt") as handle:  # one pass: metadata and tensors
             embedded = (handle.metadata() or {}).get("mrisynth")
-        state_dict = load_file(str(path))
+            state_dict = {key: handle.get_tensor(key) for key in handle.keys()}
     except Exception as exc:  # noqa: BLE001 - an untrusted file may fail in any way: never a traceback
         raise DataError(f"{path}: expected safetensors weights, could not read them ({_first_line(exc)})") from None
     json_path = path.with_suffix(".json")

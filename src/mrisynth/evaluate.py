@@ -17,16 +17,16 @@ import csv
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
+from .cache import safe_name
 from .cases import Case, discover_cases
 from .errors import DataError, MrisynthError, UsageError
-from .io import BRATS_LABELS, Geometry, check_same_grid, load_volume, read_images, read_segmentation
+from .io import BRATS_LABELS, Geometry, check_same_grid, load_volume, read_images, read_segmentation, temp_path_beside
 from .metrics import evaluate_volumes, summarise
 from .modalities import MODALITIES, parse_filename, strip_nifti_extension
 from .predict import check_unambiguous
@@ -235,7 +235,7 @@ def evaluate_folder(
         if figures is not None:
             from .report import case_figure
 
-            case_figure(data, row, Path(figures) / f"{_safe_name(pair.case_id)}_{pair.modality}.png")
+            case_figure(data, row, Path(figures) / f"{safe_name(pair.case_id)}_{pair.modality}.png")
     if figures is not None and rows:
         from .report import summary_figure
 
@@ -258,10 +258,6 @@ def _by_modality(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Summaries per synthesized modality (an 'any' model may synthesize a different one per case)."""
     modalities = sorted({r["modality"] for r in rows}, key=MODALITIES.index)
     return {m: summarise([_metrics_only(r) for r in rows if r["modality"] == m]) for m in modalities}
-
-
-def _safe_name(case_id: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in case_id).strip(".") or "case"
 
 
 # --- writing ---------------------------------------------------------------------------------
@@ -316,9 +312,8 @@ def _atomic_write(path: Path, text: str) -> None:
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
+        tmp = temp_path_beside(path)  # mode 0666 minus the umask, like the NIfTI outputs (mkstemp: 0600)
+        tmp.write_text(text)
         os.replace(tmp, path)
     except OSError as exc:
         raise DataError(f"{path}: could not write the report ({exc.strerror or exc})") from None

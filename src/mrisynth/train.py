@@ -49,6 +49,7 @@ from .dataset import SliceDataset, assemble_input, check_target_mode, in_channel
 from .distributed import DEVICE_CHOICES, DistEnv
 from .errors import DataError, MrisynthError, UsageError
 from .models import build_model, kl_divergence
+from .models.blocks import count_parameters
 from .preprocess import PreprocessConfig
 
 #: settings that ``--resume`` takes from the command line; every other one comes from the run's config
@@ -190,6 +191,15 @@ def _check_preprocess(section: dict) -> dict:
         raise UsageError(f"unknown preprocess setting(s) {', '.join(unknown)}. Known: {', '.join(known)}")
     defaults = PreprocessConfig().to_dict()
     values = {k: _as_number(f"preprocess.{k}", section.get(k, v), type(v)) for k, v in defaults.items()}
+    rules = [  # a zero multiple divides by zero; a window that is not a multiple of 16 fails in the network
+        ("low_percentile", 0 <= values["low_percentile"] < values["high_percentile"], "0 or more and below high_percentile"),
+        ("high_percentile", values["high_percentile"] <= 100, "at most 100"),
+        ("min_window", values["min_window"] >= 16, "at least 16"),
+        ("multiple", values["multiple"] >= 16 and values["multiple"] % 16 == 0, "a positive multiple of 16"),
+    ]
+    for key, ok, expected in rules:
+        if not ok:
+            raise UsageError(f"preprocess.{key}: expected {expected}, found {values[key]!r}")
     return PreprocessConfig(**values).to_dict()
 
 
@@ -810,7 +820,7 @@ def _train(env: DistEnv, overrides: dict, data_root: Path, run_dir: Path, resume
 
 def _summary(trainer: Trainer, n_train: int, n_val: int) -> str:
     config, env = trainer.config, trainer.env
-    n_params = sum(p.numel() for p in trainer.net.parameters())
+    n_params = count_parameters(trainer.net)
     where = f"{env.device.type}" + (f" x {env.world_size} processes" if env.distributed else "")
     if trainer.amp_dtype is not None:
         where += f", autocast {str(trainer.amp_dtype).replace('torch.', '')}"
