@@ -35,9 +35,11 @@ def copy_baseline(case: Case, target: str, config: PreprocessConfig = Preprocess
 
 def write_copy_baseline(cases: list[Case], target: str, out_dir: str | Path, overwrite: bool = False) -> list[Path]:
     """Write the copy baseline of each case into ``out_dir``, named like a prediction of ``target``."""
+    from .predict import input_files, output_path
+
     written = []
     for case in cases:
         volume, geometry = copy_baseline(case, target)
-        path = Path(out_dir) / case.output_name(canonical(target))
-        written.append(write_volume(path, volume, geometry, overwrite=overwrite, protected=case.modalities.values()))
+        path = output_path(out_dir, case, canonical(target))  # a case ID cannot leave out_dir
+        written.append(write_volume(path, volume, geometry, overwrite=overwrite, protected=input_files(case)))
     return written
