@@ -42,7 +42,6 @@ def untrained_checkpoint(folder: Path, target: str = "flair", model_name: str = 
     torch.manual_seed(0)
     model = build_model(model_name, in_channels=in_channels_for(target))
     checkpoint = {**checkpoint_metadata(model, target, PreprocessConfig().to_dict()), "state_dict": model.state_dict()}
-    checkpoint["torch_version"] = str(checkpoint["torch_version"])  # plain type for weights_only loading
     name = "untrained.pt" if (model_name, target) == ("vae_unet", "flair") else f"untrained-{model_name}-{target}.pt"
     return save_checkpoint(folder / name, checkpoint)
 

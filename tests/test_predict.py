@@ -45,9 +45,6 @@ def make_checkpoint(path: Path, target: str) -> Path:
         model.fc_decode.weight.mul_(20.0)
     config = PreprocessConfig(min_window=32)
     checkpoint = {**checkpoint_metadata(model, target, config.to_dict()), "state_dict": model.state_dict()}
-    # checkpoint_metadata stores torch.__version__ (a TorchVersion object), which weights_only
-    # loading refuses; reported to checkpoint.py's owner. A plain string keeps these tests about prediction.
-    checkpoint["torch_version"] = str(checkpoint["torch_version"])
     return save_checkpoint(path, checkpoint)
 
 
@@ -270,3 +267,13 @@ def test_outputs_inside_the_input_root_are_not_cases(case_factory, flair_model) 
     first = predict_folder(case_factory.root, out, synthesizer=flair_model, progress=False)
     again = predict_folder(case_factory.root, out, synthesizer=flair_model, progress=False)
     assert len(first.written) == 2 and again.exit_code == 0 and again.skipped == ["A", "B"]
+
+
+@pytest.mark.parametrize("setting,value", [("multiple", 0), ("multiple", 24), ("min_window", 8), ("low_percentile", 99.5)])
+def test_a_checkpoint_with_unworkable_preprocessing_is_refused_in_one_line(tmp_path, setting, value) -> None:
+    path = make_checkpoint(tmp_path / "bad.pt", "any")
+    checkpoint = torch.load(path, weights_only=True)
+    checkpoint["preprocess"][setting] = value
+    torch.save(checkpoint, path)
+    with pytest.raises(DataError, match=f"preprocessing setting {setting}: expected"):
+        Synthesizer.from_checkpoint(path, device="cpu")

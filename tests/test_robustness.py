@@ -62,7 +62,6 @@ def make_checkpoint(path: Path, target: str = "flair", **model_options) -> Path:
     options = {"base_channels": 4, "latent_dim": 8, "latent_grid": 2, **model_options}
     model = build_model("vae_unet", in_channels=in_channels_for(target), **options)
     checkpoint = checkpoint_metadata(model, target, PreprocessConfig(min_window=32).to_dict())
-    checkpoint["torch_version"] = str(checkpoint["torch_version"])  # a TorchVersion is not a plain type
     checkpoint["state_dict"] = model.state_dict()
     return save_checkpoint(path, checkpoint)
 

@@ -93,9 +93,8 @@ class Synthesizer:
         except DataError as exc:
             raise DataError(f"{path}: {exc}") from None
         config = PreprocessConfig.from_dict(checkpoint["preprocess"])
-        bad = {k: v for k, v in config.to_dict().items() if isinstance(v, bool) or not isinstance(v, (int, float))}
-        if bad:
-            raise DataError(f"{path}: expected numeric preprocessing settings in the checkpoint, found {bad}")
+        for problem in config.problems():
+            raise DataError(f"{path}: the checkpoint's preprocessing setting {problem}")
         return cls(model, target, config, torch_device)
 
     # --- which modality -----------------------------------------------------------------

@@ -32,6 +32,24 @@ class PreprocessConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def problems(self) -> list[str]:
+        """Settings that cannot work, as ``"key: expected ..., found ..."`` (empty when all is well).
+
+        A zero multiple divides by zero; a window that is not a multiple of 16 trains (the crop is)
+        but fails in the network at prediction; low >= high percentiles give all-zero inputs.
+        """
+        values = self.to_dict()
+        bad = {k: v for k, v in values.items() if isinstance(v, bool) or not isinstance(v, (int, float))}
+        if bad:
+            return [f"{k}: expected a number, found {v!r}" for k, v in bad.items()]
+        rules = [
+            ("low_percentile", 0 <= self.low_percentile < self.high_percentile, "0 or more and below high_percentile"),
+            ("high_percentile", self.high_percentile <= 100, "at most 100"),
+            ("min_window", self.min_window >= 16, "at least 16"),
+            ("multiple", self.multiple >= 16 and self.multiple % 16 == 0, "a positive multiple of 16"),
+        ]
+        return [f"{key}: expected {expected}, found {values[key]!r}" for key, ok, expected in rules if not ok]
+
     @classmethod
     def from_dict(cls, data: dict) -> "PreprocessConfig":
         return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})

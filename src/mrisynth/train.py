@@ -191,16 +191,10 @@ def _check_preprocess(section: dict) -> dict:
         raise UsageError(f"unknown preprocess setting(s) {', '.join(unknown)}. Known: {', '.join(known)}")
     defaults = PreprocessConfig().to_dict()
     values = {k: _as_number(f"preprocess.{k}", section.get(k, v), type(v)) for k, v in defaults.items()}
-    rules = [  # a zero multiple divides by zero; a window that is not a multiple of 16 fails in the network
-        ("low_percentile", 0 <= values["low_percentile"] < values["high_percentile"], "0 or more and below high_percentile"),
-        ("high_percentile", values["high_percentile"] <= 100, "at most 100"),
-        ("min_window", values["min_window"] >= 16, "at least 16"),
-        ("multiple", values["multiple"] >= 16 and values["multiple"] % 16 == 0, "a positive multiple of 16"),
-    ]
-    for key, ok, expected in rules:
-        if not ok:
-            raise UsageError(f"preprocess.{key}: expected {expected}, found {values[key]!r}")
-    return PreprocessConfig(**values).to_dict()
+    config = PreprocessConfig(**values)
+    for problem in config.problems():
+        raise UsageError(f"preprocess.{problem}")
+    return config.to_dict()
 
 
 def resume_config(saved: dict, overrides: dict, log: Callable[[str], None]) -> dict:
