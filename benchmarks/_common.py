@@ -250,3 +250,28 @@ def fmt(value: float | None, digits: int = 2, suffix: str = "") -> str:
     if value is None:
         return "–"
     return f"{value:,.{digits}f}{suffix}"
+
+
+def matmul_throughput(size: int = 2048, reps: int = 5, threads: int | None = None) -> dict:
+    """This CPU's fp32 FLOP/s on a large matrix product: what a compute-bound network could reach.
+
+    ``threads`` sets torch's thread count first (None keeps it). Two warm-up products, then the
+    median and best of ``reps`` timed ones.
+    """
+    import time
+
+    import torch
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    for _ in range(2):
+        torch.mm(a, b)
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        times.append(time.perf_counter() - start)
+    flops = 2 * size**3
+    return {"size": size, "threads": torch.get_num_threads(), "reps": reps, "median_s": median(times),
+            "gflops_median": flops / median(times) / 1e9, "gflops_best": flops / min(times) / 1e9}

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from _common import SEED_MODEL, command_line, fmt, load_average, machine_info, machine_line
+from _common import SEED_MODEL, command_line, fmt, load_average, machine_info, machine_line, matmul_throughput
 from mrisynth.dataset import assemble_input
 from mrisynth.modalities import MODALITIES
 from mrisynth.models import build_model, kl_divergence
@@ -76,18 +76,6 @@ def count_macs(model: nn.Module, x: torch.Tensor) -> float:
     return counter.get_total_flops() / 2
 
 
-def matmul_gflops(size: int = 2048, runs: int = 5) -> float:
-    """This CPU's fp32 ``torch.mm`` throughput right now (median of ``runs``), in GFLOP/s."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    torch.mm(a, b)
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        torch.mm(a, b)
-        times.append(time.perf_counter() - start)
-    return 2 * size**3 / statistics.median(times) / 1e9
-
-
 def volume_seconds(model: nn.Module, volume: torch.Tensor, batch: int) -> float:
     """Network time for all slices of ``volume`` in batches of ``batch``."""
     with torch.inference_mode():
@@ -113,7 +101,7 @@ def speed_table(args: argparse.Namespace) -> str:
         for n in warm:
             volume_seconds(c.model, (volume_cl if c.channels_last_input else volume)[:n], args.batch)
     for _ in range(args.repeats):
-        peaks.append(matmul_gflops())
+        peaks.append(matmul_throughput()["gflops_median"])
         for c in contenders:
             c.times.append(volume_seconds(c.model, volume_cl if c.channels_last_input else volume, args.batch))
     peak = statistics.median(peaks)

@@ -53,7 +53,8 @@ import torch
 
 from _common import (
     BASELINES, DEFAULT_DATA, PUBLISH_DIR, RESULTS_DIR, SEED_ID, SEED_MODEL, Contender, all_contenders, check_models,
-    command_line, commit_line, complete_cases, fmt, git_commit, load_average, machine_info, machine_line, median, ratio,
+    command_line, commit_line, complete_cases, fmt, git_commit, load_average, machine_info, machine_line, matmul_throughput,
+    median, ratio,
     refuse_inside, timestamp, timing_row, use_cache_dir,
 )
 
@@ -328,22 +329,6 @@ def measure_loading(cases: list, n_seed: int, n_cache: int) -> dict:
         seed_times.append(time.perf_counter() - start)
     return {"seed": {"slices": n_seed, "median_s": median(seed_times)},
             "cache": {"slices": n_cache, "median_s": median(cache_times)}}
-
-
-def matmul_throughput(size: int, reps: int, threads: int) -> dict:
-    """This CPU's fp32 FLOP/s on a large matrix product: what a compute-bound network could reach."""
-    torch.set_num_threads(threads)
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    for _ in range(2):
-        torch.mm(a, b)
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        torch.mm(a, b)
-        times.append(time.perf_counter() - start)
-    flops = 2 * size**3
-    return {"size": size, "threads": threads, "reps": reps, "median_s": median(times),
-            "gflops_median": flops / median(times) / 1e9, "gflops_best": flops / min(times) / 1e9}
 
 
 def prepare_contenders(contenders: list[Contender], args: argparse.Namespace, train_cases: list) -> dict[str, dict]:

@@ -16,6 +16,9 @@ from pathlib import Path
 from .errors import DataError, UsageError
 from .modalities import MODALITIES, SCHEMES, SEG, parse_filename, strip_nifti_extension
 
+#: suffix of the uncertainty map written beside a synthesized volume (``<ID>_flair_std.nii.gz``)
+STD_SUFFIX = "_std"
+
 # BraTS 2020 case 355 ships its segmentation as W39_1998.09.19_Segm.nii
 _SEG_QUIRK_SUFFIXES = ("_segm",)
 

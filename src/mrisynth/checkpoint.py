@@ -19,7 +19,7 @@ import torch
 
 from . import __version__
 from .errors import DataError
-from .io import temp_path_beside
+from .io import first_line, temp_path_beside
 
 FORMAT = "mrisynth-checkpoint"
 FORMAT_VERSION = 1
@@ -97,7 +97,7 @@ def load_checkpoint(path: str | Path) -> dict:
     except pickle.UnpicklingError as exc:
         text = str(exc)
         if "weights only" not in text.lower():  # a damaged or foreign pickle, not a refused object
-            raise DataError(f"{path}: expected an mrisynth checkpoint, the file is truncated or not a checkpoint ({_first_line(exc)})") from None
+            raise DataError(f"{path}: expected an mrisynth checkpoint, the file is truncated or not a checkpoint ({first_line(exc, 120)})") from None
         found = re.search(r"GLOBAL ([\w.]+)", text)
         if found:
             raise DataError(
@@ -110,17 +110,8 @@ def load_checkpoint(path: str | Path) -> dict:
             + (f" ({reason.group(1).strip()[:120]})" if reason else "")
         ) from None
     except Exception as exc:  # noqa: BLE001 - an untrusted file may fail in any way: never a traceback
-        raise DataError(f"{path}: expected an mrisynth checkpoint, the file is truncated or not a checkpoint ({_first_line(exc)})") from None
+        raise DataError(f"{path}: expected an mrisynth checkpoint, the file is truncated or not a checkpoint ({first_line(exc, 120)})") from None
     return check_metadata(path, checkpoint)
-
-
-def _first_line(exc: BaseException, limit: int = 120) -> str:
-    """The first line (first sentence, when long) of an exception message, or its type name, for one-line errors."""
-    lines = str(exc).strip().splitlines()
-    line = lines[0] if lines else type(exc).__name__
-    if len(line) > limit and ". " in line:
-        line = line.split(". ")[0]
-    return line[:limit]
 
 
 def check_metadata(path: str | Path, checkpoint: Any) -> dict:
@@ -181,7 +172,7 @@ def _load_safetensors(path: Path) -> dict:
             embedded = (handle.metadata() or {}).get("mrisynth")
             state_dict = {key: handle.get_tensor(key) for key in handle.keys()}
     except Exception as exc:  # noqa: BLE001 - an untrusted file may fail in any way: never a traceback
-        raise DataError(f"{path}: expected safetensors weights, could not read them ({_first_line(exc)})") from None
+        raise DataError(f"{path}: expected safetensors weights, could not read them ({first_line(exc, 120)})") from None
     json_path = path.with_suffix(".json")
     if not embedded and not json_path.is_file():
         raise DataError(f"{path}: safetensors weights without mrisynth metadata (expected {json_path.name} beside it)")
@@ -189,7 +180,7 @@ def _load_safetensors(path: Path) -> dict:
     try:
         meta = json.loads(embedded if embedded else json_path.read_text())
     except (ValueError, OSError) as exc:
-        raise DataError(f"{source}: expected mrisynth metadata as JSON, could not parse it ({_first_line(exc)})") from None
+        raise DataError(f"{source}: expected mrisynth metadata as JSON, could not parse it ({first_line(exc, 120)})") from None
     if not isinstance(meta, dict):
         raise DataError(f"{source}: expected mrisynth metadata as a JSON object, found {type(meta).__name__}")
     return check_metadata(path, {**meta, "state_dict": state_dict})
@@ -206,12 +197,12 @@ def build_model_from_checkpoint(checkpoint: dict) -> torch.nn.Module:
     except UsageError as exc:
         raise DataError(f"checkpoint's model cannot be built by this mrisynth {__version__}: {exc}") from None
     except (TypeError, ValueError, KeyError, RuntimeError) as exc:  # options of the wrong kind or value
-        raise DataError(f"checkpoint's model settings cannot build model '{config.get('name')}': {_first_line(exc)}") from None
+        raise DataError(f"checkpoint's model settings cannot build model '{config.get('name')}': {first_line(exc, 120)}") from None
     try:
         model.load_state_dict(checkpoint["state_dict"])
     except (RuntimeError, TypeError, ValueError, AttributeError) as exc:
         # the first line of torch's message only says "Error(s) in loading state_dict": show the first error
         details = [line.strip() for line in str(exc).splitlines()[1:] if line.strip()]
-        detail = details[0][:200] if details else _first_line(exc, 200)
+        detail = details[0][:200] if details else first_line(exc, 200)
         raise DataError(f"checkpoint weights do not fit model '{config.get('name')}': {detail}") from None
     return model.eval()

@@ -24,7 +24,7 @@ from typing import Any, Callable
 import numpy as np
 
 from .cache import safe_name
-from .cases import Case, discover_cases
+from .cases import STD_SUFFIX, Case, discover_cases
 from .errors import DataError, MrisynthError, UsageError
 from .io import BRATS_LABELS, Geometry, check_same_grid, load_volume, read_images, read_segmentation, temp_path_beside
 from .metrics import evaluate_volumes, summarise
@@ -33,7 +33,6 @@ from .predict import check_unambiguous
 from .preprocess import brain_mask
 
 METRIC_KEYS: tuple[str, ...] = ("psnr", "mae", "ssim2d", "ssim3d", "ssim_tumour", "ssim_nontumour", "psnr_full")
-STD_SUFFIX = "_std"
 
 PROTOCOL = """\
 mrisynth evaluate protocol (every number, exactly):

@@ -73,7 +73,7 @@ def open_nifti(path: str | Path) -> nib.Nifti1Image:
         img = nib.load(str(path))
     except (nib.filebasedimages.ImageFileError, nib.spatialimages.HeaderDataError, OSError, EOFError, zlib.error,
             ValueError) as exc:
-        raise DataError(f"{path}: expected a NIfTI image, could not read its header ({_short(exc)})") from None
+        raise DataError(f"{path}: expected a NIfTI image, could not read its header ({first_line(exc)})") from None
     if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
         raise DataError(f"{path}: expected a NIfTI image, found {type(img).__name__}")
     return img
@@ -112,7 +112,7 @@ def load_volume(path: str | Path, *, allow_constant: bool = False) -> tuple[np.n
     try:
         data = np.asarray(img.dataobj, dtype=np.float32).reshape(shape)
     except (OSError, EOFError, zlib.error, ValueError, TypeError, nib.spatialimages.HeaderDataError) as exc:
-        raise DataError(f"{path}: expected {shape} voxels, the file is truncated or corrupt ({_short(exc)})") from None
+        raise DataError(f"{path}: expected {shape} voxels, the file is truncated or corrupt ({first_line(exc)})") from None
     n_bad = int(np.count_nonzero(~np.isfinite(data)))
     if n_bad:
         raise DataError(f"{path}: expected finite values, found {n_bad} NaN or Inf voxels")
@@ -180,7 +180,7 @@ def write_volume(
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise DataError(f"{path.parent}: could not create the output folder ({exc.strerror or _short(exc)})") from None
+        raise DataError(f"{path.parent}: could not create the output folder ({exc.strerror or first_line(exc)})") from None
     header = output_header(geometry)
     qform, qcode = geometry.header.get_qform(coded=True)
     sform, scode = geometry.header.get_sform(coded=True)
@@ -199,7 +199,7 @@ def write_volume(
     except FileExistsError:  # written meanwhile by another process
         raise OutputExistsError(f"{path}: output exists (use --overwrite to replace it)") from None
     except OSError as exc:
-        raise DataError(f"{path}: could not write the output ({exc.strerror or _short(exc)})") from None
+        raise DataError(f"{path}: could not write the output ({exc.strerror or first_line(exc)})") from None
     finally:
         if os.path.lexists(tmp):
             os.unlink(tmp)
@@ -233,10 +233,14 @@ def _rename_no_clobber(tmp: Path, path: Path) -> None:
     os.unlink(tmp)
 
 
-def _short(exc: BaseException) -> str:
-    """First line of an exception message, for one-line errors."""
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
+def first_line(exc: BaseException, limit: int | None = None) -> str:
+    """The first line of an exception message (or its type name), for one-line errors; with
+    ``limit``, a long line is cut to its first sentence and then to ``limit`` characters."""
+    lines = str(exc).strip().splitlines()
+    line = lines[0] if lines else type(exc).__name__
+    if limit is not None and len(line) > limit:
+        line = line.split(". ")[0][:limit]
+    return line
 
 
 def read_images(paths: dict[str, str | Path]) -> tuple[dict[str, np.ndarray], Geometry]:

@@ -18,7 +18,7 @@ from typing import Iterable
 import numpy as np
 import torch
 
-from .cases import Case, discover_cases
+from .cases import STD_SUFFIX, Case, discover_cases
 from .checkpoint import build_model_from_checkpoint, load_checkpoint
 from .dataset import assemble_input, check_target_mode, in_channels_for
 from .errors import DataError, MrisynthError, UsageError
@@ -316,7 +316,7 @@ def planned_outputs(output_dir: str | Path, case: Case, modality: str, samples: 
     """The files one case produces: the synthesized volume, and its std map when sampling."""
     paths = [output_path(output_dir, case, modality)]
     if samples >= 2:
-        paths.append(output_path(output_dir, case, modality, "_std"))
+        paths.append(output_path(output_dir, case, modality, STD_SUFFIX))
     return paths
 
 
