@@ -56,7 +56,7 @@ def test_config_records_all_options() -> None:
     model = build_model(NAME, in_channels=8)
     assert model.config == {
         "name": NAME, "in_channels": 8, "out_channels": 1,
-        "base_channels": 16, "latent_channels": 8, "local_latent_channels": 4,
+        "base_channels": 16, "latent_channels": 8, "local_latent_channels": 4, "predict_scale": False,
     }
     assert json.loads(json.dumps(model.config)) == model.config
 
@@ -221,3 +221,28 @@ def test_film_alone_carries_the_conditioning() -> None:
 def test_fixed_target_model_has_no_film() -> None:
     assert build_model(NAME, 3).film is None
     assert isinstance(build_model(NAME, 8).film, nn.Linear)
+
+
+# --- predicted Laplace scale (heteroscedastic output) --------------------------------------------
+
+
+def test_scale_head_adds_one_bounded_log_scale_channel() -> None:
+    from mrisynth.models.lite_vae_unet import LOG_SCALE_MAX, LOG_SCALE_MIN
+
+    torch.manual_seed(0)
+    model = build_model(NAME, in_channels=8, predict_scale=True).eval()
+    assert model.config["predict_scale"] is True
+    with torch.no_grad():
+        pred, _, _ = model(torch.randn(2, 8, 32, 32) * 50)  # large input: saturates both channels
+    assert pred.shape == (2, 2, 32, 32)
+    assert 0 <= pred[:, 0].min() and pred[:, 0].max() <= 1
+    assert LOG_SCALE_MIN <= pred[:, 1].min() and pred[:, 1].max() <= LOG_SCALE_MAX
+    assert pred[:, 1].min() < 0 or pred[:, 1].max() > 1  # not squashed into [0, 1] like the synthesis
+
+
+def test_a_model_without_scale_loads_into_the_default_architecture() -> None:
+    """Checkpoints made before ``predict_scale`` existed (the shipped weights) still load."""
+    old = build_model(NAME, in_channels=8).state_dict()
+    rebuilt = build_model(**{k: v for k, v in build_model(NAME, in_channels=8).config.items() if k != "predict_scale"})
+    rebuilt.load_state_dict(old)
+    assert rebuilt(torch.rand(1, 8, 32, 32))[0].shape == (1, 1, 32, 32)

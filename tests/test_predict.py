@@ -1,6 +1,7 @@
 """Tests of ``mrisynth.predict`` and ``mrisynth predict``: tiny untrained models, small synthetic cases."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import nibabel as nib
@@ -178,6 +179,17 @@ def test_samples_give_a_std_map_inside_the_brain(case_factory, any_model, tmp_pa
     assert std.dtype == np.float32
     assert np.all(std[~brain] == 0)
     assert np.mean(std[brain] > 0) > 0.99
+
+
+def test_predictive_std_adds_the_predicted_laplace_variance_to_the_spread_of_the_samples() -> None:
+    from mrisynth.predict import predictive_std
+
+    means = torch.tensor([0.2, 0.4, 0.6]).reshape(3, 1, 1, 1, 1).expand(3, 1, 1, 2, 2)  # [K, B, C, H, W]
+    spread = predictive_std(means)
+    assert torch.allclose(spread, torch.full((1, 2, 2), 0.2))  # unbiased std of 0.2, 0.4, 0.6
+    log_b = torch.full_like(means, math.log(0.1))
+    with_scale = predictive_std(torch.cat([means, log_b], dim=2))
+    assert torch.allclose(with_scale, torch.full((1, 2, 2), math.sqrt(0.04 + 2 * 0.01)))
 
 
 # --- folder mode ---------------------------------------------------------------------------

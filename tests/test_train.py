@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import subprocess
 import sys
@@ -387,3 +388,31 @@ def test_a_run_folder_in_use_by_another_process_is_refused_and_a_stale_lock_is_t
     with run_folder_lock(run, is_main=True):  # the owner is gone: its lock is stale
         assert (run / ".train.lock").read_text() == str(os.getpid())
     assert not (run / ".train.lock").exists()
+
+
+# --- predicted Laplace scale ---------------------------------------------------------------------
+
+
+def test_laplace_nll_is_lowest_at_the_true_error_size_and_leaves_the_mean_alone() -> None:
+    from mrisynth.train import laplace_nll
+
+    target = torch.zeros(1, 1, 4, 4)
+    mean = torch.full((1, 1, 4, 4), 0.2, requires_grad=True)
+    nll = {b: float(laplace_nll(mean, torch.full_like(target, math.log(b)), target)) for b in (0.05, 0.2, 0.8)}
+    assert nll[0.2] < nll[0.05] and nll[0.2] < nll[0.8]  # minimised where b equals |error|
+    log_scale = torch.zeros_like(target, requires_grad=True)
+    laplace_nll(mean, log_scale, target).backward()
+    assert mean.grad is None and log_scale.grad is not None and log_scale.grad.abs().sum() > 0
+
+
+def test_a_scale_model_trains_and_its_checkpoint_keeps_the_scale_head(data_root: Path, tmp_path: Path) -> None:
+    config = {**tiny(model="lite_vae_unet", target="any"), "model_options": {"base_channels": 4, "predict_scale": True}}
+    best = train(config, data_root, tmp_path / "run")
+    checkpoint = load_checkpoint(best)
+    assert checkpoint["model"]["predict_scale"] is True
+    with (tmp_path / "run" / "metrics.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert all(math.isfinite(float(r["val_l1"])) for r in rows)
+    model = build_model_from_checkpoint(checkpoint)
+    pred, _, _ = model(torch.rand(1, 8, 32, 32))
+    assert pred.shape == (1, 2, 32, 32)

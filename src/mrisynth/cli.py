@@ -83,6 +83,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     report = predict_folder(
         args.input, args.output, missing=args.missing, samples=args.samples, batch_size=args.batch_size,
         overwrite=args.overwrite, device=args.device, threads=args.threads, checkpoint=args.model, mask=args.mask,
+        engine=args.engine,
     )
     for path in report.written:
         print(path)
@@ -100,12 +101,33 @@ def add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=16, help="axial slices per network pass (default 16)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--engine", choices=["torch", "onnx"], default=None,
+                   help="torch (eager PyTorch) or onnx (ONNX Runtime, CPU, faster; a checkpoint is exported once into the cache; "
+                        "needs the onnx extra). Default: onnx for an .onnx --model, else torch")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs (default: skip those cases)")
     p.add_argument(
         "--mask", type=Path, default=None,
         help="brain mask NIfTI on the case's grid (nonzero = brain) replacing the computed one; --input must be one case",
     )
     p.set_defaults(func=cmd_predict)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .onnx_engine import export_onnx
+
+    output = args.output or Path(f"{Path(str(args.model)).stem if str(args.model) != 'pretrained' else 'lite_vae_unet_any'}.onnx")
+    print(export_onnx(args.model, output, overwrite=args.overwrite))
+    return 0
+
+
+def add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="write a checkpoint as an ONNX model (for --engine onnx or ONNX Runtime elsewhere)")
+    p.add_argument("--model", type=Path, default=Path("pretrained"),
+                   help="checkpoint (.pt or .safetensors), or pretrained: the weights shipped with mrisynth (default)")
+    p.add_argument("--format", choices=["onnx"], default="onnx", help="onnx (the only format so far)")
+    p.add_argument("--output", type=Path, default=None, help="the .onnx file to write (default: ./<checkpoint name>.onnx)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    p.set_defaults(func=cmd_export)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -183,7 +205,7 @@ def add_demo(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_demo)
 
 
-COMMANDS = [add_demo, add_cases, add_phantom, add_train, add_predict, add_evaluate]
+COMMANDS = [add_demo, add_cases, add_phantom, add_train, add_predict, add_evaluate, add_export]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -13,7 +13,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable
 
 import numpy as np
 import torch
@@ -55,6 +55,21 @@ def resolve_device(device: str = "auto") -> torch.device:
     raise UsageError(f"--device {device}: expected auto, cpu or cuda")
 
 
+ENGINES = ("torch", "onnx")
+
+
+def resolve_engine(engine: str | None, model: str | Path) -> str:
+    """``None`` -> onnx for an ``.onnx`` file, else torch; an ``.onnx`` file cannot run on torch."""
+    is_onnx = str(model).endswith(".onnx")
+    if engine is None:
+        return "onnx" if is_onnx else "torch"
+    if engine not in ENGINES:
+        raise UsageError(f"--engine {engine}: expected torch or onnx")
+    if engine == "torch" and is_onnx:
+        raise UsageError(f"--model {model}: an ONNX model runs with --engine onnx, not torch")
+    return engine
+
+
 def set_threads(threads: int | None) -> None:
     """Limit torch's CPU threads (shared machines); None keeps torch's default."""
     if threads is None:
@@ -74,28 +89,47 @@ class Synthesizer:
         self.device = device
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, device: str = "auto", threads: int | None = None) -> "Synthesizer":
-        """Load a ``.pt`` or ``.safetensors`` checkpoint (metadata-checked, never unpickled)."""
+    def from_checkpoint(
+        cls, path: str | Path, device: str = "auto", threads: int | None = None, engine: str | None = None
+    ) -> "Synthesizer":
+        """Load a ``.pt`` or ``.safetensors`` checkpoint (metadata-checked, never unpickled), or an ``.onnx`` export.
+
+        ``engine``: ``torch`` (eager PyTorch), ``onnx`` (ONNX Runtime on the CPU; a checkpoint is
+        exported once into the cache, see :mod:`mrisynth.onnx_engine`), or None: onnx for an
+        ``.onnx`` file, else torch.
+        """
         set_threads(threads)
         torch_device = resolve_device(device)
-        checkpoint = load_checkpoint(path)
+        if resolve_engine(engine, path) == "onnx":
+            from .onnx_engine import OnnxModel, onnx_file_for
+
+            model: Any = OnnxModel(onnx_file_for(path), threads=threads).to(torch_device)
+            metadata = model.metadata
+        else:
+            model, metadata = None, load_checkpoint(path)
         try:
-            target = check_target_mode(str(checkpoint["target"]))
+            target = check_target_mode(str(metadata["target"]))
         except (ValueError, TypeError):
-            raise DataError(f"{path}: checkpoint has an unknown target '{checkpoint['target']}'") from None
-        in_channels = checkpoint["model"].get("in_channels") if isinstance(checkpoint["model"], dict) else None
+            raise DataError(f"{path}: checkpoint has an unknown target '{metadata['target']}'") from None
+        in_channels = metadata["model"].get("in_channels") if isinstance(metadata["model"], dict) else None
         if in_channels != in_channels_for(target):
             raise DataError(
                 f"{path}: a '{target}' model needs {in_channels_for(target)} input channels, the checkpoint's model has {in_channels}"
             )
-        try:
-            model = build_model_from_checkpoint(checkpoint)
-        except DataError as exc:
-            raise DataError(f"{path}: {exc}") from None
-        config = PreprocessConfig.from_dict(checkpoint["preprocess"])
+        if model is None:
+            try:
+                model = build_model_from_checkpoint(metadata)
+            except DataError as exc:
+                raise DataError(f"{path}: {exc}") from None
+        config = PreprocessConfig.from_dict(metadata["preprocess"])
         for problem in config.problems():
             raise DataError(f"{path}: the checkpoint's preprocessing setting {problem}")
         return cls(model, target, config, torch_device)
+
+    def check_samples(self, samples: int) -> None:
+        """Posterior samples need the torch model (the ONNX graph is the deterministic synthesis)."""
+        if samples >= 2 and not isinstance(self.model, torch.nn.Module):
+            raise UsageError(f"--samples {samples}: posterior samples need --engine torch (the ONNX graph is the deterministic synthesis)")
 
     # --- which modality -----------------------------------------------------------------
 
@@ -153,6 +187,7 @@ class Synthesizer:
         computed from the inputs (same shape as the inputs).
         """
         check_counts(samples, batch_size)
+        self.check_samples(samples)
         modality = self.missing_modality(case, missing)
         check_unambiguous(case, [m for m in MODALITIES if m != modality])
         timings: dict[str, float] = {}
@@ -215,9 +250,9 @@ class Synthesizer:
                 if samples == 1:
                     mean[start:end] = self.model(x)[0][:, 0].float().cpu().numpy()
                     continue
-                draws = torch.stack([self.model(x, sample=True)[0][:, 0].float() for _ in range(samples)])
-                mean[start:end] = draws.mean(dim=0).cpu().numpy()
-                std[start:end] = draws.std(dim=0).cpu().numpy()  # type: ignore[index]
+                outputs = torch.stack([self.model(x, sample=True)[0].float() for _ in range(samples)])
+                mean[start:end] = outputs[:, :, 0].mean(dim=0).cpu().numpy()
+                std[start:end] = predictive_std(outputs).cpu().numpy()  # type: ignore[index]
         return mean, std
 
     def _rng_devices(self) -> list[int]:
@@ -233,6 +268,16 @@ class Synthesizer:
         np.clip(volume, 0.0, 1.0, out=volume)
         volume[~mask] = 0.0
         return volume.astype(np.float32, copy=False)
+
+
+def predictive_std(outputs: torch.Tensor) -> torch.Tensor:
+    """Per-pixel std of K posterior draws ``[K, B, C, H, W]``: the spread of their syntheses
+    (channel 0, unbiased), plus, for a scale-predicting model (C = 2, channel 1 = log Laplace
+    scale b), the mean predicted variance 2 b^2 (law of total variance)."""
+    spread = outputs[:, :, 0].var(dim=0)
+    if outputs.shape[2] == 2:
+        spread = spread + (2.0 * torch.exp(2.0 * outputs[:, :, 1])).mean(dim=0)
+    return spread.sqrt()
 
 
 # --- argument checks shared by the API and the CLI ----------------------------------------
@@ -371,6 +416,7 @@ def predict_folder(
     synthesizer: Synthesizer | None = None,
     progress: bool = True,
     mask: str | Path | None = None,
+    engine: str | None = None,
 ) -> FolderReport:
     """Synthesize every case under ``input_path`` (one case folder or a root of many) into ``output_dir``.
 
@@ -393,7 +439,8 @@ def predict_folder(
     if synthesizer is None:
         if checkpoint is None:
             raise UsageError("a checkpoint is needed (--model CKPT)")
-        synthesizer = Synthesizer.from_checkpoint(checkpoint, device=device)
+        synthesizer = Synthesizer.from_checkpoint(checkpoint, device=device, threads=threads, engine=engine)
+    synthesizer.check_samples(samples)
     if explicit is not None:
         synthesizer.check_target(explicit, explicit=True)  # a usage error before any work
 

@@ -345,6 +345,18 @@ def loss_terms(
     return F.l1_loss(pred.float(), target.float()), kl_divergence(mu.float(), logvar.float())
 
 
+def laplace_nll(mean: torch.Tensor, log_scale: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Laplace negative log-likelihood of ``target`` (up to log 2) for a predicted log scale.
+
+    The mean is detached: the scale head learns the size of the error the synthesis makes, while
+    the synthesis keeps its L1 objective unchanged (a joint NLL lets a network buy likelihood by
+    declaring hard regions uncertain instead of fitting them).
+    """
+    residual = (target.float() - mean.detach().float()).abs()
+    log_scale = log_scale.float()
+    return (residual * torch.exp(-log_scale) + log_scale).mean()
+
+
 def amp_dtype(device: torch.device) -> torch.dtype | None:
     """bf16 autocast on GPUs that support it, fp16 (with a GradScaler) on older ones, none on CPU."""
     if device.type != "cuda":
@@ -485,8 +497,10 @@ class Trainer:
         inputs, target = self._batch(stack, missing)
         with self._autocast():
             pred, mu, logvar = self.model(inputs)
-        l1, kl = loss_terms(pred, mu, logvar, target)
+        l1, kl = loss_terms(pred[:, :1], mu, logvar, target)
         loss = l1 + beta * kl
+        if pred.shape[1] == 2:  # a scale-predicting model (predict_scale): channel 1 is log b
+            loss = loss + laplace_nll(pred[:, :1], pred[:, 1:], target)
         l1_value, kl_value = torch.stack([l1.detach(), kl.detach()]).tolist()
         if self.any_rank(not (math.isfinite(l1_value) and math.isfinite(kl_value))):
             raise TrainingDiverged(
@@ -547,7 +561,7 @@ class Trainer:
         for stack, missing in self.val_loader:
             inputs, target = self._batch(stack, missing)
             with self._autocast():
-                pred = self.net(inputs)[0]
+                pred = self.net(inputs)[0][:, :1]  # the synthesis (channel 1 of a scale model is log b)
             pred = pred.float()
             error = pred - target
             ssim = structural_similarity_index_measure(pred, target, data_range=1.0, reduction="sum")

@@ -60,7 +60,16 @@ input ``[B, in_channels, H, W]``, H and W multiples of 16):
   parameters whatever the layout of the file. The output is ``[B, out_channels, H, W]``,
   contiguous, as usual.
 
-``forward`` returns ``(prediction, mu, logvar)`` like ``vae_unet``. mu and logvar are the two
+* ``predict_scale`` (heteroscedastic output): the head gets a second channel, the log of a
+  per-pixel Laplace scale b, trained by ``train.laplace_nll`` on the detached residual (so the
+  synthesis itself is trained by L1 exactly as without it). b is the model's own estimate of
+  its absolute error (E|y - mu| = b for a Laplace), which the posterior samples alone do not
+  give: their spread follows where the latents matter, not where the synthesis is wrong.
+  ``predict`` turns it into a std map (a Laplace's std is sqrt(2) b) combined with the samples'.
+
+``forward`` returns ``(prediction, mu, logvar)`` like ``vae_unet``; ``prediction`` is
+``[B, out_channels, H, W]`` in [0, 1], with one more channel, the log scale, when
+``predict_scale`` (mrisynth uses ``out_channels = 1``: channel 0 the synthesis, channel 1 log b). mu and logvar are the two
 latents' maps, each flattened in (h, w, channel) order (a free view of an NHWC map) and
 concatenated: ``[B, latent_channels * H/16 * W/16 + local_latent_channels * H/4 * W/4]``.
 ``kl_divergence`` (an element-wise mean) applies as is, and ``split_latent`` gives the maps back.
@@ -79,6 +88,7 @@ DEPTH = 4  # number of stride-2 steps: H and W must be multiples of 2**DEPTH
 WIDTH_MULTIPLIERS = (1, 2, 3, 6, 8)  # channels per level (H, H/2, ..., H/16) in base_channels
 LOCAL_LEVEL = 2  # the local latent lives at H / 2**LOCAL_LEVEL
 N_MODALITIES = len(MODALITIES)
+LOG_SCALE_MIN, LOG_SCALE_MAX = -9.0, 2.0  # log Laplace scale: b from 1e-4 to 7.4 (targets are in [0, 1])
 
 Film = tuple[torch.Tensor, torch.Tensor]  # (scale, shift), each [B, C, 1, 1]
 
@@ -143,8 +153,11 @@ class LiteVAEUNet(nn.Module):
         base_channels: int = 16,
         latent_channels: int = 8,
         local_latent_channels: int = 4,
+        predict_scale: bool = False,
     ) -> None:
         super().__init__()
+        self.predict_scale = predict_scale
+        self.out_channels = out_channels
         w = [base_channels * m for m in WIDTH_MULTIPLIERS]
 
         # encoder
@@ -174,7 +187,7 @@ class LiteVAEUNet(nn.Module):
         self.up1 = _up(w[2], w[1])
         self.up0 = _up(w[1], w[0])
         self.final = _conv3x3(w[0], w[0], bias=True)
-        self.head = nn.Conv2d(w[0], out_channels, 1)
+        self.head = nn.Conv2d(w[0], out_channels + int(predict_scale), 1)
 
         # FiLM for the four conditioned decoder blocks (from_global, dec4, dec3, dec2), all from
         # one linear map of the one-hot: one small matmul per forward, not one per block
@@ -217,7 +230,10 @@ class LiteVAEUNet(nn.Module):
         h = self.dec2(self.up2(h).add_(self.from_local(z_l)), film[3])
         h = self.up1(h).add_(s1)
         h = self.up0(h).add_(s0)
-        pred = torch.sigmoid(self.head(F.silu(self.final(h), inplace=True)))
+        out = self.head(F.silu(self.final(h), inplace=True))
+        pred = torch.sigmoid(out[:, : self.out_channels])
+        if self.predict_scale:  # last channel: log of the Laplace scale b, bounded for a stable NLL
+            pred = torch.cat([pred, out[:, self.out_channels :].clamp(LOG_SCALE_MIN, LOG_SCALE_MAX)], dim=1)
 
         mu = torch.cat([_flatten_nhwc(mu_g), _flatten_nhwc(mu_l)], dim=1)
         logvar = torch.cat([_flatten_nhwc(logvar_g), _flatten_nhwc(logvar_l)], dim=1)
