@@ -59,7 +59,7 @@ from mrisynth.evaluate import METRIC_KEYS, PROTOCOL, evaluate_folder, json_safe,
 from mrisynth.modalities import MODALITIES
 from mrisynth.models import available_models
 from mrisynth.predict import Synthesizer, parse_missing, write_result
-from mrisynth.train import patient_id, train, usable_cases
+from mrisynth.train import patient_id, resolve_config, train, usable_cases
 
 from _common import (
     BASELINES, DEFAULT_DATA, PUBLISH_DIR, RESULTS_DIR, SEED_ID, SEED_MODEL, TIMING_KEYS, Contender, all_contenders,
@@ -237,10 +237,18 @@ def training_summary(run_dir: Path, best: Path, wall_s: float, config: dict) -> 
     }
 
 
+#: settings of a resolved training config that change what a run learns (a model's recipe included)
+RECIPE_KEYS = ("model", "model_options", "target", "lr", "batch_size", "beta", "beta_warmup", "crop", "seed", "preprocess",
+               "slices_per_epoch", "val_fraction", "val_cases")
+
+
 def check_reusable(info: dict, config: dict, train_pool: list[str]) -> None:
-    """A finished run is reused only if it was trained with these settings on this training pool."""
+    """A finished run is reused only if it was trained with these settings on this training pool,
+    and with the model's current recipe (``configs/models/<model>.yaml`` may have changed since)."""
     same_pool = sorted(info["train_cases"] + info["val_cases"]) == sorted(train_pool)
-    if not same_pool or info["config"] != config:
+    wanted, saved = resolve_config(config), load_checkpoint(info["checkpoint"])["config"]
+    same_recipe = all(wanted.get(k) == saved.get(k) for k in RECIPE_KEYS)
+    if not same_pool or info["config"] != config or not same_recipe:
         sys.exit(f"{info['run_dir']} was trained with other settings or cases than this run asks for: "
                  "choose another --out (or delete that run folder)")
 

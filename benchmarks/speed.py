@@ -11,7 +11,9 @@ means something only next to the seed's, measured in the same run on the same ca
 3. **Synthesis on CPU**: seconds for one whole 240x240x155 case, end to end (read, preprocess,
    compute, restore, write NIfTI) and compute alone (the network's forward passes; the baselines'
    own computation), for every contender including ``copy`` and ``voxel-regression``; peak
-   resident memory. Contenders take turns (round robin) so a load swing hits all of them.
+   resident memory. Contenders take turns (round robin) so a load swing hits all of them. Every
+   network that exports to ONNX also runs with ONNX Runtime (``--engine onnx``; ``--no-onnx``
+   leaves that out), with its ratio to eager PyTorch.
 4. **Compute-bound floor**: each network's multiply-accumulates per volume (counted with
    ``torch.utils.flop_counter.FlopCounterMode`` on one slice at the case's window, times its brain
    slices) divided by this CPU's measured fp32 matrix-multiply throughput (``torch.mm`` of 2048x2048,
@@ -94,6 +96,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--voxels", type=int, default=50_000,
                    help="voxels voxel-regression is fitted on before timing; it always grows its 200 trees (default 50000)")
     p.add_argument("--batch-size", type=int, default=16, help="slices per network pass when synthesizing (default 16)")
+    p.add_argument("--onnx", action=argparse.BooleanOptionalAction, default=None,
+                   help="also synthesize with ONNX Runtime (--engine onnx) every network that exports "
+                        "(default: when onnxruntime and onnxscript are installed)")
     p.add_argument("--quick", action="store_true", help="smoke run: 1 synthesis run, batches 4 and 8, few steps and slices")
     p.add_argument("--gpu", action="store_true", help="add the GPU section (skipped with a message when CUDA is absent)")
     p.add_argument("--gpu-minutes", type=float, default=4.5, help="time limit of the GPU section (default 4.5)")
@@ -181,7 +186,8 @@ def worker_synth(task: dict) -> dict:
     device = torch.device(task["device"])
     synthesizer = None
     if task["kind"] == "network":
-        synthesizer = Synthesizer.from_checkpoint(task["checkpoint"], device=task["device"], threads=task["threads"])
+        synthesizer = Synthesizer.from_checkpoint(task["checkpoint"], device=task["device"], threads=task["threads"],
+                                                  engine=task.get("engine"))
         in_channels = in_channels_for(synthesizer.target)
         with torch.inference_mode():  # first-call set-up (thread pool, allocator) is not what we time
             synthesizer.model(torch.zeros(2, in_channels, CROP, CROP, device=device))
@@ -212,7 +218,7 @@ def worker_synth(task: dict) -> dict:
         answer.update(n_slices=result.n_slices, window=list(result.window))
         if device.type == "cuda":
             answer["gpu_peak_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
-        if task.get("count_flops"):
+        if task.get("count_flops") and task.get("engine") != "onnx":
             per_slice = forward_flops(synthesizer.model, in_channels, *result.window, device)
             answer.update(forward_flops_per_slice=per_slice, forward_flops_per_volume=per_slice * result.n_slices)
     return answer
@@ -357,6 +363,53 @@ def prepare_contenders(contenders: list[Contender], args: argparse.Namespace, tr
     return prepared
 
 
+ONNX_SUFFIX = "+onnx"
+
+
+def onnx_available() -> bool:
+    import importlib.util
+
+    return all(importlib.util.find_spec(m) is not None for m in ("onnxruntime", "onnxscript", "onnx"))
+
+
+def add_onnx_contenders(contenders: list[Contender], prepared: dict[str, dict], out: Path) -> tuple[list[Contender], dict[str, str]]:
+    """For every network that exports to ONNX, a synthesis-only contender running it with --engine onnx."""
+    from mrisynth.errors import MrisynthError
+    from mrisynth.onnx_engine import export_onnx
+
+    extra, problems = [], {}
+    for c in contenders:
+        if c.kind != "network":
+            continue
+        checkpoint = prepared[c.id]["checkpoint"]
+        try:
+            onnx_path = export_onnx(checkpoint, Path(checkpoint).with_suffix(".onnx"), overwrite=True)
+        except MrisynthError as exc:
+            problems[c.id] = str(exc)
+            print(f"  {c.id}: not exported to ONNX: {exc}", flush=True)
+            continue
+        onnx_id = c.id + ONNX_SUFFIX
+        extra.append(Contender(onnx_id, "network", c.model, c.mode))
+        prepared[onnx_id] = {"checkpoint": str(onnx_path), "engine": "onnx"}
+    return extra, problems
+
+
+def onnx_lines(synthesis: dict, labels: dict[str, str], problems: dict[str, str]) -> list[str]:
+    """ONNX Runtime against eager PyTorch, the same model in the same run."""
+    lines = []
+    for cid, entry in synthesis.items():
+        if not cid.endswith(ONNX_SUFFIX):
+            continue
+        eager = synthesis.get(cid[: -len(ONNX_SUFFIX)], {})
+        lines.append(
+            f"- {labels[cid[: -len(ONNX_SUFFIX)]]}: ONNX Runtime is {times(ratio(eager.get('median_compute_s'), entry.get('median_compute_s')))} "
+            f"eager PyTorch's speed in compute, {times(ratio(eager.get('median_total_s'), entry.get('median_total_s')))} end to end."
+        )
+    for cid, problem in problems.items():
+        lines.append(f"- {labels[cid]}: no ONNX row: {problem}")
+    return lines
+
+
 def measure_training(contenders: list[Contender], args: argparse.Namespace, case_dirs: list[str], device: str,
                      batch_sizes: list[int], budget_s: float = math.inf) -> dict[str, dict]:
     """Per network: slices/s at growing batch sizes, models taking turns at each size.
@@ -434,7 +487,8 @@ def compute_floor(synthesis: dict, training: dict, matmul: dict) -> dict[str, di
     peak = matmul["gflops_median"] * 1e9
     floor: dict[str, dict] = {}
     for cid, entry in synthesis.items():
-        flops = entry.get("forward_flops_per_volume")
+        # an ONNX Runtime row does the arithmetic of its eager twin (FlopCounterMode counts torch ops only)
+        flops = entry.get("forward_flops_per_volume") or synthesis.get(cid.removesuffix(ONNX_SUFFIX), {}).get("forward_flops_per_volume")
         if not flops:
             continue
         floor_s = flops / peak
@@ -563,6 +617,8 @@ def markdown(report: dict) -> str:
         "",
         *synthesis_table(report["synthesis"], labels),
         "",
+        *onnx_lines(report["synthesis"], labels, report.get("onnx_problems", {})),
+        "",
         f"#### Compute-bound floor (fp32 `torch.mm` {matmul['size']}², {matmul['threads']} threads: "
         f"{matmul['gflops_median']:.1f} GFLOP/s median, {matmul['gflops_best']:.1f} best)",
         "",
@@ -663,8 +719,14 @@ def main(argv: list[str] | None = None) -> int:
     train_dirs = [str(c.folder) for c in train_cases]
     print("training on CPU", flush=True)
     report["training"] = measure_training(contenders, args, train_dirs, "cpu", args.batch_sizes)
+    synth_contenders, report["onnx_problems"] = list(contenders), {}
+    if args.onnx or (args.onnx is None and onnx_available()):
+        print("exporting the networks to ONNX", flush=True)
+        onnx_contenders, report["onnx_problems"] = add_onnx_contenders(contenders, prepared, args.out)
+        synth_contenders += onnx_contenders
+        report["labels"].update({c.id: f"{report['labels'][c.id[: -len(ONNX_SUFFIX)]]}, ONNX Runtime" for c in onnx_contenders})
     print("synthesis on CPU", flush=True)
-    report["synthesis"] = measure_synthesis(contenders, args, prepared, str(case.folder), "cpu", args.runs, 1)
+    report["synthesis"] = measure_synthesis(synth_contenders, args, prepared, str(case.folder), "cpu", args.runs, 1)
     seed_synth = next((e for e in report["synthesis"].values() if "n_slices" in e), {})
     report["case"].update(n_slices=seed_synth.get("n_slices"), window=seed_synth.get("window", []))
     report["floor"] = compute_floor(report["synthesis"], report["training"], report["matmul"])

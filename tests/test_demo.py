@@ -71,3 +71,16 @@ def test_demo_runs_end_to_end_on_phantoms(tmp_path, monkeypatch):
     assert (out / "predictions" / "Phantom_003_flair.nii.gz").is_file()
     assert (out / "figures" / "Phantom_003_flair.png").stat().st_size > 10_000
     assert [c.id for c in discover_cases(out / "data" / "test")] == ["Phantom_003"]
+
+
+@pytest.mark.slow
+def test_demo_phantoms_are_reused_for_the_same_cohort_and_regenerated_for_another_seed(tmp_path):
+    settings = demo.DemoSettings(out=tmp_path / "demo", cases=2, test_cases=1, seed=0)
+    train_root, test_root = demo.make_phantom_cohort(settings, log=lambda message: None)
+    flair = next((test_root / "Phantom_002").glob("*_flair.nii.gz"))
+    first = load_volume(flair)[0]
+    stamp = flair.stat().st_mtime_ns
+    demo.make_phantom_cohort(settings, log=lambda message: None)
+    assert flair.stat().st_mtime_ns == stamp  # same cohort: not written again
+    demo.make_phantom_cohort(demo.DemoSettings(out=tmp_path / "demo", cases=2, test_cases=1, seed=1), log=lambda message: None)
+    assert not np.array_equal(load_volume(flair)[0], first)  # another seed: other phantoms

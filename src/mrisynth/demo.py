@@ -72,8 +72,13 @@ def make_phantom_cohort(settings: DemoSettings, log: Callable[[str], None]) -> t
     from .phantom import case_id, make_case
     from .phantom.files import write_case
 
-    train_root, test_root = settings.out / "data" / "train", settings.out / "data" / "test"
+    data = settings.out / "data"
+    train_root, test_root = data / "train", data / "test"
     n_train = settings.cases - settings.test_cases
+    cohort = {"seed": settings.seed, "naming": settings.naming, "cases": settings.cases, "test_cases": settings.test_cases}
+    marker = data / "cohort.json"
+    if data.exists() and (not marker.is_file() or json.loads(marker.read_text()) != cohort):
+        shutil.rmtree(data)  # phantoms of another seed or split: generate this cohort afresh
     log(f"step 1/5: generating {settings.cases} phantom cases ({n_train} to train on, {settings.test_cases} held out)")
     for number in range(1, settings.cases + 1):
         cid = case_id(number, settings.naming)
@@ -83,6 +88,7 @@ def make_phantom_cohort(settings: DemoSettings, log: Callable[[str], None]) -> t
         t0 = time.perf_counter()
         write_case(make_case(cid, settings.seed, settings.naming), root, cid, settings.naming)
         log(f"  {cid} ({time.perf_counter() - t0:.1f} s)")
+    marker.write_text(json.dumps(cohort) + "\n")
     return train_root, test_root
 
 

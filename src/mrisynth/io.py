@@ -295,8 +295,8 @@ def read_segmentation(
     With ``labels`` (e.g. ``BRATS_LABELS[case.scheme]``), values outside that set are reported:
     a :class:`DataError` when ``strict``, else one line passed to ``warn`` (default: stderr).
     """
-    data, seg_geometry = load_volume(path, allow_constant=True)
-    check_same_grid(geometry, seg_geometry)
+    check_same_grid(geometry, geometry_of(open_nifti(path), path))  # from the header: nothing decoded for a wrong grid
+    data, _ = load_volume(path, allow_constant=True)
     if labels is not None:
         problem = label_problem(path, data, labels)
         if problem and strict:
