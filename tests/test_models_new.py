@@ -246,3 +246,13 @@ def test_a_model_without_scale_loads_into_the_default_architecture() -> None:
     rebuilt = build_model(**{k: v for k, v in build_model(NAME, in_channels=8).config.items() if k != "predict_scale"})
     rebuilt.load_state_dict(old)
     assert rebuilt(torch.rand(1, 8, 32, 32))[0].shape == (1, 1, 32, 32)
+
+
+def test_the_scale_branch_sends_no_gradient_into_the_synthesis() -> None:
+    torch.manual_seed(0)
+    model = build_model(NAME, in_channels=8, predict_scale=True)
+    pred, _, _ = model(_input(8))
+    pred[:, 1].sum().backward()  # a loss on the log scale only
+    synthesis = [p for name, p in model.named_parameters() if not name.startswith("scale_head")]
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in synthesis)
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.scale_head.parameters())
