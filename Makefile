@@ -23,12 +23,14 @@ demo: setup
 test: setup
 	$(VENV)/bin/python -m pytest -q
 
-# speed (~10 min) then quality (~40 min) on a quiet 2-core CPU; both publish their summaries to
-# docs/results/ (work files stay in the git-ignored benchmarks/results/), then the trade-off figure.
+# speed (~15 min), then quality (~40 min), then the downstream segmentation check on the quality
+# run's predictions (~25 min), on a quiet 2-core CPU; each publishes its summary to docs/results/
+# (work files stay in the git-ignored benchmarks/results/), then the trade-off figure.
 bench: setup
-	$(PIP) install -q -e ".[bench]"
+	$(PIP) install -q -e ".[bench,onnx]"
 	$(VENV)/bin/python benchmarks/speed.py --publish
-	$(VENV)/bin/python benchmarks/quality.py --publish
+	$(VENV)/bin/python benchmarks/quality.py --publish --out benchmarks/results/quality
+	$(VENV)/bin/python benchmarks/downstream.py --quality-run benchmarks/results/quality --publish
 	$(VENV)/bin/python benchmarks/plot_tradeoff.py
 
 clean:

@@ -24,6 +24,7 @@ from typing import Any
 from _common import DEFAULT_DATA, PUBLISH_DIR, REPO_ROOT, refuse_inside
 
 DEFAULT_OUT = REPO_ROOT / "docs" / "img" / "quality_vs_speed.png"
+ONNX_SUFFIX = "+onnx"  # speed.py's id of a network run with --engine onnx
 PANELS = (("psnr", "PSNR, brain only (dB)"), ("ssim_nontumour", "SSIM non-tumour (BraSyn protocol)"))
 
 
@@ -34,7 +35,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--speed", type=Path, default=None,
                    help="speed.json or a published speed-*.json (default: when --quality is not given either, the "
                         "newest in docs/results; otherwise, or when there is none, x comes from the quality run)")
-    p.add_argument("--target", default=None, help="which target's scores to plot (default: the first in the quality JSON)")
+    p.add_argument("--target", default=None, help="which target's scores to plot (default: flair, else the first in the quality JSON)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="PNG to write (default docs/img/quality_vs_speed.png)")
     return p.parse_args(argv)
 
@@ -68,6 +69,10 @@ def points(quality: dict, speed: dict | None, target: str) -> list[dict[str, Any
             continue
         summary = result["summary"]
         chosen.append({"label": entry["label"], "x": x, **{k: summary.get(k, {}) for k, _ in PANELS}})
+        onnx = (speed or {}).get("synthesis", {}).get(entry["id"] + ONNX_SUFFIX, {})
+        if onnx.get("median_total_s") is not None:  # the same synthesis (to 1e-5) run by ONNX Runtime
+            chosen.append({"label": entry["label"] + ", ONNX Runtime", "x": onnx["median_total_s"],
+                           **{k: summary.get(k, {}) for k, _ in PANELS}})
     return chosen
 
 
@@ -108,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"quality: {quality_path}; speed: {speed_path or 'none (times from the quality run)'}")
     quality = load(quality_path)
     speed = load(speed_path) if speed_path else None
-    target = args.target or quality["targets"][0]
+    target = args.target or ("flair" if "flair" in quality["targets"] else quality["targets"][0])
     if target not in quality["targets"]:
         sys.exit(f"--target {target}: the quality run has {', '.join(quality['targets'])}")
     chosen = points(quality, speed, target)

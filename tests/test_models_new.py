@@ -233,7 +233,9 @@ def test_scale_head_adds_one_bounded_log_scale_channel() -> None:
     model = build_model(NAME, in_channels=8, predict_scale=True).eval()
     assert model.config["predict_scale"] is True
     with torch.no_grad():
-        pred, _, _ = model(torch.randn(2, 8, 32, 32) * 50)  # large input: saturates both channels
+        pred, _, _ = model(torch.randn(2, 8, 32, 32) * 50, sample=True)  # large input: saturates both channels
+        plain, _, _ = model(torch.randn(2, 8, 32, 32))
+    assert plain.shape == (2, 1, 32, 32)  # a plain prediction does not run the scale branch
     assert pred.shape == (2, 2, 32, 32)
     assert 0 <= pred[:, 0].min() and pred[:, 0].max() <= 1
     assert LOG_SCALE_MIN <= pred[:, 1].min() and pred[:, 1].max() <= LOG_SCALE_MAX
@@ -251,7 +253,7 @@ def test_a_model_without_scale_loads_into_the_default_architecture() -> None:
 def test_the_scale_branch_sends_no_gradient_into_the_synthesis() -> None:
     torch.manual_seed(0)
     model = build_model(NAME, in_channels=8, predict_scale=True)
-    pred, _, _ = model(_input(8))
+    pred, _, _ = model(_input(8))  # training mode: sampled, so the scale branch runs
     pred[:, 1].sum().backward()  # a loss on the log scale only
     synthesis = [p for name, p in model.named_parameters() if not name.startswith("scale_head")]
     assert all(p.grad is None or p.grad.abs().sum() == 0 for p in synthesis)

@@ -65,14 +65,16 @@ input ``[B, in_channels, H, W]``, H and W multiples of 16):
   trained by ``train.laplace_nll``. The branch reads those features detached and the NLL uses
   the detached synthesis, so no gradient of the scale reaches the synthesis: it trains by L1
   exactly as without the branch (a first version that shared the head's features lost 0.004
-  validation L1 after 8 epochs). b is the model's own estimate of
+  validation L1 after 8 epochs). The branch runs only when the posterior is sampled (training,
+  ``sample=True``): a plain prediction (and the ONNX graph) costs what it costs without it. b is the model's own estimate of
   its absolute error (E|y - mu| = b for a Laplace), which the posterior samples alone do not
   give: their spread follows where the latents matter, not where the synthesis is wrong.
   ``predict`` turns it into a std map (a Laplace's std is sqrt(2) b) combined with the samples'.
 
 ``forward`` returns ``(prediction, mu, logvar)`` like ``vae_unet``; ``prediction`` is
 ``[B, out_channels, H, W]`` in [0, 1], with one more channel, the log scale, when
-``predict_scale`` (mrisynth uses ``out_channels = 1``: channel 0 the synthesis, channel 1 log b). mu and logvar are the two
+``predict_scale`` and sampling (mrisynth uses ``out_channels = 1``: channel 0 the synthesis,
+channel 1 log b). mu and logvar are the two
 latents' maps, each flattened in (h, w, channel) order (a free view of an NHWC map) and
 concatenated: ``[B, latent_channels * H/16 * W/16 + local_latent_channels * H/4 * W/4]``.
 ``kl_divergence`` (an element-wise mean) applies as is, and ``split_latent`` gives the maps back.
@@ -241,7 +243,7 @@ class LiteVAEUNet(nn.Module):
         h = self.up0(h).add_(s0)
         features = F.silu(self.final(h), inplace=True)
         pred = torch.sigmoid(self.head(features))
-        if self.scale_head is not None:  # one more channel: log of the Laplace scale b, bounded for a stable NLL
+        if self.scale_head is not None and sample:  # log of the Laplace scale b, bounded for a stable NLL
             log_scale = self.scale_head(features.detach()).clamp(LOG_SCALE_MIN, LOG_SCALE_MAX)
             pred = torch.cat([pred, log_scale], dim=1)
 
