@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import warnings
 from pathlib import Path
@@ -83,7 +84,10 @@ def _trace(model: torch.nn.Module, in_channels: int) -> Any:
     example = torch.zeros(2, in_channels, EXPORT_SIZE, EXPORT_SIZE)
     batch = torch.export.Dim("batch", min=1, max=4096)
     height, width = (torch.export.Dim(name, min=1, max=256) * 16 for name in ("height", "width"))
-    with warnings.catch_warnings():  # the exporter's notes about torchvision ops and the like are not the user's business
+    exporter_log = logging.getLogger("torch.onnx")
+    level = exporter_log.level
+    exporter_log.setLevel(logging.ERROR)  # notes about absent torchvision ops and the like are not the user's business
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
             program = torch.onnx.export(
@@ -93,6 +97,8 @@ def _trace(model: torch.nn.Module, in_channels: int) -> Any:
             )
         except Exception as exc:  # noqa: BLE001 - the exporter fails in many ways; say which model
             raise DataError(f"the model '{model.config['name']}' could not be exported to ONNX ({first_line(exc, 160)})") from None
+        finally:
+            exporter_log.setLevel(level)
     return program.model_proto
 
 
@@ -109,7 +115,9 @@ def _verify(proto: Any, model: torch.nn.Module, in_channels: int, tolerance: flo
     with torch.inference_mode():
         expected = SynthesisGraph(model)(x).numpy()
     try:
-        session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+        options = ort.SessionOptions()
+        options.log_severity_level = 4  # a failing graph is reported below in one line, not logged by the runtime
+        session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
         got = session.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0]
         error = float(np.abs(got - expected).max())
     except Exception as exc:  # noqa: BLE001
@@ -137,6 +145,9 @@ class OnnxModel:
         options.intra_op_num_threads = threads or torch.get_num_threads()
         options.inter_op_num_threads = 1
         options.log_severity_level = 3  # errors only
+        # idle runtime threads sleep instead of spinning: between batches the CPU goes to the
+        # preprocessing and writing around the network, not to threads waiting for work
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # noqa: BLE001 - a damaged or foreign file
