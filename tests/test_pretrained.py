@@ -31,3 +31,17 @@ def test_predict_with_the_pretrained_model_fills_any_missing_modality(case_facto
     brain = reference != 0
     assert np.all(volume[~brain] == 0) and 0 <= volume.min() and volume.max() <= 1
     assert volume[brain].std() > 0.01  # an image, not a constant
+
+
+def test_pretrained_std_map_includes_the_predicted_error_scale(case_factory, tmp_path):
+    """The shipped model has the Laplace scale branch: its std map is on the scale of real errors
+    (a few hundredths at least), not only the tiny spread of posterior samples (about 0.006)."""
+    assert load_checkpoint(PRETRAINED)["model"]["predict_scale"] is True
+    case_dir = case_factory(modalities=("t1", "t1ce", "t2"))
+    out = tmp_path / "out"
+    assert main(["predict", "--input", str(case_dir), "--output", str(out), "--samples", "2", "--threads", "1"]) == 0
+    std, _ = load_volume(out / "Case_001_flair_std.nii.gz", allow_constant=True)
+    synthesis, _ = load_volume(out / "Case_001_flair.nii.gz")
+    brain = synthesis > 0
+    assert np.isfinite(std).all() and np.all(std[~brain] == 0)
+    assert np.median(std[brain]) > 0.02
