@@ -4,7 +4,7 @@ Why this script exists: the digital phantom needs real brain anatomy, but mrisyn
 download anything nor depend on nilearn. nilearn ships the ICBM 2009a nonlinear symmetric
 grey-matter, white-matter and skull-stripped T1 templates inside its wheel, so this script is run
 once, by a developer, in a throwaway environment that has nilearn, and its output
-(``src/mrisynth/phantom/data/icbm152_2009a.npz``, a few MB) is committed next to the NOTICE.
+(``src/mrisynth/phantom/data/icbm152_2009a.npz.xz``, 1.9 MB) is committed next to the NOTICE.
 
 Usage (in a throwaway venv, never a dependency of mrisynth)::
 
@@ -23,13 +23,15 @@ where the mask is the non-zero part of nilearn's skull-stripped T1 template, or 
 from __future__ import annotations
 
 import argparse
+import io
+import lzma
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-OUT = REPO / "src" / "mrisynth" / "phantom" / "data" / "icbm152_2009a.npz"
+OUT = REPO / "src" / "mrisynth" / "phantom" / "data" / "icbm152_2009a.npz.xz"
 STEM = "mni_icbm152_{}_tal_nlin_sym_09a_converted.nii.gz"
 MARGIN = 2
 
@@ -103,8 +105,9 @@ def main() -> None:
     cropped_shape = maps["gm"].shape
     halves, mid = right_half(maps, affine)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(
-        args.out,
+    arrays = io.BytesIO()
+    np.savez(
+        arrays,
         gm=halves["gm"],
         wm=halves["wm"],
         csf=halves["csf"],
@@ -112,6 +115,8 @@ def main() -> None:
         midline=np.int64(mid),
         source=np.array("ICBM 2009a nonlinear symmetric (nilearn *_converted.nii.gz)"),
     )
+    # xz instead of the zip deflate of savez_compressed: 1.90 MB instead of 2.26 MB, same arrays
+    args.out.write_bytes(lzma.compress(arrays.getvalue(), preset=9 | lzma.PRESET_EXTREME))
     size_mb = args.out.stat().st_size / 1e6
     print(f"wrote {args.out} ({size_mb:.2f} MB): cropped grid {cropped_shape}, stored half {halves['gm'].shape}")
 

@@ -54,7 +54,7 @@ def _median_ratio(image: np.ndarray, region: np.ndarray, reference: np.ndarray) 
 
 
 def test_template_file_is_small_and_has_its_notice():
-    assert (DATA / "icbm152_2009a.npz").stat().st_size < 3_000_000
+    assert (DATA / "icbm152_2009a.npz.xz").stat().st_size < 2_000_000
     notice = (DATA / "NOTICE").read_text()
     assert "Copyright (C) 1993-2009 Louis Collins, McConnell Brain Imaging Centre" in notice
     assert "without fee is hereby granted" in notice

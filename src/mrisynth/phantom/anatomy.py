@@ -2,7 +2,7 @@
 
 Why a template and not geometric shapes: a synthesis model trained or tested on the phantom must
 see real cortical folding, ventricles and deep grey matter, or its numbers say nothing about
-brains. The template (``data/icbm152_2009a.npz``, made once by
+brains. The template (``data/icbm152_2009a.npz.xz``: an ``.npz`` compressed with xz, made once by
 ``scripts/make_phantom_template.py``) holds uint8 CSF/GM/WM probabilities on a 1 mm MNI grid.
 
 Each case maps every output voxel ``v`` of the BraTS-like grid to a template voxel::
@@ -16,6 +16,8 @@ anterior/posterior come out right by construction for the LPS output affine.
 """
 from __future__ import annotations
 
+import io
+import lzma
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -30,7 +32,7 @@ OUT_AFFINE = np.array(
     [[-1.0, 0.0, 0.0, 0.0], [0.0, -1.0, 0.0, 239.0], [0.0, 0.0, 1.0, 0.0], [0.0, 0.0, 0.0, 1.0]]
 )
 TISSUES: tuple[str, ...] = ("csf", "gm", "wm")
-TEMPLATE_FILE = Path(__file__).parent / "data" / "icbm152_2009a.npz"
+TEMPLATE_FILE = Path(__file__).parent / "data" / "icbm152_2009a.npz.xz"
 
 # The MNI152 brain is larger than an average adult brain (it was affinely matched to MNI305);
 # 0.93 brings it to ~135 x 168 mm (left-right x anterior-posterior), like BraTS brains.
@@ -80,7 +82,7 @@ def _mirror(half: np.ndarray) -> np.ndarray:
 @lru_cache(maxsize=1)
 def load_template() -> Template:
     """Load the packaged template once per process (about 0.5 s, mostly the site search)."""
-    with np.load(TEMPLATE_FILE) as data:
+    with np.load(io.BytesIO(lzma.decompress(TEMPLATE_FILE.read_bytes()))) as data:  # xz: 0.1 s
         maps = {name: np.ascontiguousarray(_mirror(data[name])) for name in TISSUES}
         affine = np.array(data["affine"], dtype=np.float64)
     brain = (maps["csf"].astype(np.int16) + maps["gm"] + maps["wm"]) >= 128
