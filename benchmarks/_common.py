@@ -172,6 +172,32 @@ def timestamp() -> str:
 # --- data and output folders ---------------------------------------------------------------------
 
 
+def write_results(texts: dict[str, str], out: Path, name: str, started: str, publish: Path | None,
+                  tag: str = "") -> list[Path]:
+    """``out/NAME.EXT`` for each ``{EXT: text}``; with ``publish``, the same texts as
+    ``publish/NAME[-TAG]-YYYYMMDD.EXT`` (the small files meant to be committed). Returns the paths."""
+    written = []
+    for ext, text in texts.items():
+        path = out / f"{name}.{ext}"
+        path.write_text(text)
+        written.append(path)
+    if publish is not None:
+        publish.mkdir(parents=True, exist_ok=True)
+        date = started[:10].replace("-", "")
+        for ext, text in texts.items():
+            path = publish / f"{name}{'-' + tag if tag else ''}-{date}.{ext}"
+            path.write_text(text)
+            written.append(path)
+    return written
+
+
+def print_summary(markdown_text: str, written: list[Path]) -> None:
+    """The run's Markdown summary and the files it wrote, at the end of a benchmark."""
+    print("\n===== summary (paste into docs/benchmarks.md) =====\n")
+    print(markdown_text)
+    print("\nwrote " + ", ".join(str(p) for p in written))
+
+
 def complete_cases(root: Path, n: int | None = None) -> list:
     """The first ``n`` (all when None) cases under ``root`` with four modalities and no problems."""
     from mrisynth.cases import discover_cases

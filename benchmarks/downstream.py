@@ -32,7 +32,6 @@ import argparse
 import csv
 import io
 import json
-import shutil
 import statistics
 import sys
 import time
@@ -42,13 +41,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from _common import PUBLISH_DIR, command_line, commit_line, git_commit, load_average, machine_info, machine_line
+from _common import (
+    PUBLISH_DIR, command_line, commit_line, git_commit, load_average, machine_info, machine_line, print_summary, write_results,
+)
 from mrisynth.cases import Case, discover_cases
 from mrisynth.io import BRATS_LABELS, check_same_grid, load_volume, read_images, read_segmentation
 from mrisynth.modalities import MODALITIES
 from mrisynth.predict import output_path
 from segmenter import (
-    REGION_NAMES, REGIONS, case_mask, load_segmenter, prepare_inputs, region_masks, save_segmenter, segment,
+    REGIONS, case_mask, load_segmenter, prepare_inputs, region_masks, save_segmenter, segment,
     train_segmenter,
 )
 
@@ -148,7 +149,7 @@ def score_case(model: torch.nn.Module, case: Case, conditions: dict[str, dict[st
 
     def run(condition: str, target: str, replaced: dict[str, np.ndarray]) -> list[dict]:
         start = time.perf_counter()
-        predicted = segment(model, prepare_inputs(replaced, geometry.affine, mask))
+        predicted = segment(model, prepare_inputs(replaced, geometry.affine, mask), mask)
         rows = [{"case": case.id, "target": target, "condition": condition, "region": region,
                  **region_scores(predicted[i], reference[i], spacing)} for i, region in enumerate(REGIONS)]
         print(f"  {case.id} {target:5s} {condition:22s} Dice " + " ".join(f"{r['region']} {r['dice']:.3f}" for r in rows)
@@ -254,20 +255,8 @@ def per_case_csv(rows: list[dict]) -> str:
 
 
 def write_outputs(report: dict, rows: list[dict], out: Path, publish: Path | None) -> list[Path]:
-    files = {"downstream.md": markdown(report), "downstream.csv": per_case_csv(rows),
-             "downstream.json": json.dumps({**report, "rows": rows}, indent=1) + "\n"}
-    written = []
-    for name, text in files.items():
-        (out / name).write_text(text)
-        written.append(out / name)
-    if publish is not None:
-        publish.mkdir(parents=True, exist_ok=True)
-        date = report["started"].split(" ")[0].replace("-", "")
-        for name in files:
-            target = publish / name.replace("downstream.", f"downstream-{date}.")
-            shutil.copyfile(out / name, target)
-            written.append(target)
-    return written
+    texts = {"md": markdown(report), "csv": per_case_csv(rows), "json": json.dumps({**report, "rows": rows}, indent=1) + "\n"}
+    return write_results(texts, out, "downstream", report["started"], publish)
 
 
 def rescore(args: argparse.Namespace, argv: list[str] | None) -> int:
@@ -278,8 +267,7 @@ def rescore(args: argparse.Namespace, argv: list[str] | None) -> int:
     saved = json.loads(path.read_text())
     rows = saved.pop("rows")
     report = {**saved, "summary": summarise(rows), "rescored_by": command_line("downstream.py", argv)}
-    written = write_outputs(report, rows, args.out, args.publish)
-    print(markdown(report) + "\nwrote " + ", ".join(str(p) for p in written))
+    print_summary(markdown(report), write_outputs(report, rows, args.out, args.publish))
     return 0
 
 
@@ -321,9 +309,7 @@ def main(argv: list[str] | None = None) -> int:
         "targets": targets, "conditions": {t: list(c) for t, c in run["conditions"].items()},
         "summary": summarise(rows), "wall_s": round(time.perf_counter() - clock, 1), "load_average_end": load_average(),
     }
-    written = write_outputs(report, rows, args.out, args.publish)
-    print("\n" + markdown(report))
-    print("wrote " + ", ".join(str(p) for p in written))
+    print_summary(markdown(report), write_outputs(report, rows, args.out, args.publish))
     return 0
 
 

@@ -63,8 +63,8 @@ from mrisynth.train import patient_id, resolve_config, train, usable_cases
 
 from _common import (
     BASELINES, DEFAULT_DATA, PUBLISH_DIR, RESULTS_DIR, SEED_ID, SEED_MODEL, TIMING_KEYS, Contender, all_contenders,
-    check_models, command_line, commit_line, fmt, git_commit, load_average, machine_info, machine_line, median, refuse_inside,
-    timestamp, timing_row, use_cache_dir,
+    check_models, command_line, commit_line, fmt, git_commit, load_average, machine_info, machine_line, median, print_summary,
+    refuse_inside, timestamp, timing_row, use_cache_dir, write_results,
 )
 
 TRAINING_MARKER = "benchmark-training.json"
@@ -399,19 +399,8 @@ def write_report(report: dict, out: Path, publish: Path | None) -> list[Path]:
         "csv": per_case_csv(report),
         "json": json.dumps(json_safe(report), indent=1, allow_nan=False) + "\n",
     }
-    written = []
-    for ext, text in texts.items():
-        path = out / f"quality.{ext}"
-        path.write_text(text)
-        written.append(path)
-    if publish is not None:
-        publish.mkdir(parents=True, exist_ok=True)
-        tag = "all" if len(report["targets"]) > 1 else report["targets"][0]
-        for ext, text in texts.items():
-            path = publish / f"quality-{tag}-{report['started'][:10].replace('-', '')}.{ext}"
-            path.write_text(text)
-            written.append(path)
-    return written
+    tag = "all" if len(report["targets"]) > 1 else report["targets"][0]
+    return write_results(texts, out, "quality", report["started"], publish, tag)
 
 
 # --- the run -------------------------------------------------------------------------------------
@@ -489,10 +478,7 @@ def main(argv: list[str] | None = None) -> int:
     report["wall_s"] = round(time.perf_counter() - clock, 1)
     report["load_average_end"] = load_average()
     report["protocol"] = PROTOCOL
-    written = write_report(report, args.out, args.publish)
-    print("\n===== summary (paste into docs/benchmarks.md) =====\n")
-    print(markdown(report))
-    print("\nwrote " + ", ".join(str(p) for p in written))
+    print_summary(markdown(report), write_report(report, args.out, args.publish))
     return 0
 
 

@@ -31,7 +31,6 @@ from mrisynth.modalities import MODALITIES
 from mrisynth.preprocess import PreparedCase, PreprocessConfig, brain_mask, prepare
 
 REGIONS = ("WT", "TC", "ET")
-REGION_NAMES = {"WT": "whole tumour", "TC": "tumour core", "ET": "enhancing tumour"}
 FEATURES = (16, 32, 64, 128, 256, 16)
 CROP = 160  # training crop; every window is at least this large (min_window) and a multiple of 16
 PREPROCESS = PreprocessConfig()  # mrisynth's defaults: the same scaling the synthesis models see
@@ -147,8 +146,9 @@ def train_segmenter(cases: list[Case], minutes: float, seed: int = 0, batch: int
 
 
 @torch.inference_mode()
-def segment(model: torch.nn.Module, prepared: PreparedCase, batch: int = 16) -> np.ndarray:
-    """[3, X, Y, Z] bool regions on the input grid (sigmoid > 0.5 on every brain slice)."""
+def segment(model: torch.nn.Module, prepared: PreparedCase, mask: np.ndarray, batch: int = 16) -> np.ndarray:
+    """[3, X, Y, Z] bool regions on the input grid (sigmoid > 0.5 on every brain slice), inside
+    ``mask``, the brain mask the case was prepared with (no tumour is predicted outside the brain)."""
     brain = prepared.brain_slices
     z, height, width = prepared.mask.shape
     out = np.zeros((len(REGIONS), z, height, width), dtype=bool)
@@ -157,12 +157,7 @@ def segment(model: torch.nn.Module, prepared: PreparedCase, batch: int = 16) -> 
         x = torch.from_numpy(np.ascontiguousarray(prepared.slices[:, chosen].transpose(1, 0, 2, 3)))
         out[:, chosen] = (model(x) > 0).numpy().transpose(1, 0, 2, 3)
     restored = np.stack([prepared.layout.to_volume(r.astype(np.uint8)) for r in out]).astype(bool)
-    return restored & prepared_mask_volume(prepared)[None]
-
-
-def prepared_mask_volume(prepared: PreparedCase) -> np.ndarray:
-    """The brain mask back on the input grid: no tumour is predicted outside the brain."""
-    return prepared.layout.to_volume(prepared.mask.astype(np.uint8)).astype(bool)
+    return restored & mask[None]
 
 
 def save_segmenter(model: torch.nn.Module, info: dict, path: Path) -> None:

@@ -56,8 +56,7 @@ import torch
 from _common import (
     BASELINES, DEFAULT_DATA, PUBLISH_DIR, RESULTS_DIR, SEED_ID, SEED_MODEL, Contender, all_contenders, check_models,
     command_line, commit_line, complete_cases, fmt, git_commit, load_average, machine_info, machine_line, matmul_throughput,
-    median, ratio,
-    refuse_inside, timestamp, timing_row, use_cache_dir,
+    median, print_summary, ratio, refuse_inside, timestamp, timing_row, use_cache_dir, write_results,
 )
 
 RESULT_PREFIX = "SPEED-RESULT "
@@ -613,7 +612,7 @@ def markdown(report: dict) -> str:
         "",
         *training_table(report["training"], labels),
         "",
-        f"#### Synthesis on CPU (one whole case; median of the runs; contenders took turns)",
+        "#### Synthesis on CPU (one whole case; median of the runs; contenders took turns)",
         "",
         *synthesis_table(report["synthesis"], labels),
         "",
@@ -644,17 +643,7 @@ def write_report(report: dict, out: Path, publish: Path | None) -> list[Path]:
     from mrisynth.evaluate import json_safe
 
     texts = {"md": markdown(report) + "\n", "json": json.dumps(json_safe(report), indent=1, allow_nan=False) + "\n"}
-    written = []
-    for ext, text in texts.items():
-        (out / f"speed.{ext}").write_text(text)
-        written.append(out / f"speed.{ext}")
-    if publish is not None:
-        publish.mkdir(parents=True, exist_ok=True)
-        for ext, text in texts.items():
-            path = publish / f"speed-{report['started'][:10].replace('-', '')}.{ext}"
-            path.write_text(text)
-            written.append(path)
-    return written
+    return write_results(texts, out, "speed", report["started"], publish)
 
 
 # --- the run -------------------------------------------------------------------------------------
@@ -735,10 +724,7 @@ def main(argv: list[str] | None = None) -> int:
     report["wall_s"] = round(time.perf_counter() - clock, 1)
     report["load_average_end"] = load_average()
 
-    written = write_report(report, args.out, args.publish)
-    print("\n===== summary (paste into docs/benchmarks.md) =====\n")
-    print(markdown(report))
-    print("\nwrote " + ", ".join(str(p) for p in written))
+    print_summary(markdown(report), write_report(report, args.out, args.publish))
     return 0
 
 

@@ -85,6 +85,19 @@ def case_factory(tmp_path):
     return make
 
 
+@pytest.fixture
+def one_torch_thread():
+    """Tiny inputs on a shared 2-core CPU: two torch threads spin against each other, and the
+    OpenMP synchronisation between many small ops costs more than the arithmetic; one thread is
+    many times faster. Use with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    import torch  # here, not at the top: `mrisynth --help` is tested not to import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(autouse=True)
 def _private_cache(tmp_path, monkeypatch):
     """Every test gets its own slice cache, so tests never touch the user's cache directory."""

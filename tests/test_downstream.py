@@ -11,7 +11,6 @@ import shutil
 import sys
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import pytest
 import torch
@@ -77,7 +76,7 @@ def test_segment_puts_regions_back_on_the_input_grid(tmp_path, affine):
     volumes, geometry = read_images(case.modalities)
     mask = segmenter.case_mask(volumes)
     prepared = segmenter.prepare_inputs(volumes, geometry.affine, mask)
-    regions = segmenter.segment(FlairThreshold(), prepared)
+    regions = segmenter.segment(FlairThreshold(), prepared, mask)
     flair = prepared.layout.to_volume(prepared.slices[3])  # normalised FLAIR back on the input grid
     expected = (flair > 0.6) & mask
     assert regions.shape == (3, *geometry.shape)

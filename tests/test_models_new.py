@@ -14,14 +14,7 @@ from mrisynth.models import available_models, build_model, kl_divergence
 NAME = "lite_vae_unet"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny inputs: with 2+ threads on a busy shared CPU, OpenMP synchronisation between the
-    ~70 small ops of a forward pass costs more than the arithmetic (seconds per test)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module", params=[3, 8], ids=["in3", "in8"])

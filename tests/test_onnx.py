@@ -22,15 +22,7 @@ from mrisynth.onnx_engine import OnnxModel, export_onnx, onnx_file_for  # noqa: 
 from mrisynth.predict import Synthesizer, predict_folder  # noqa: E402
 from mrisynth.preprocess import PreprocessConfig  # noqa: E402
 
-pytestmark = pytest.mark.slow  # each export traces the model: seconds
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]  # slow: each export traces the model
 
 
 def tiny_checkpoint(path: Path, model: str = "lite_vae_unet", target: str = "any", **options) -> Path:

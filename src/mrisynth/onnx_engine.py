@@ -156,7 +156,6 @@ class OnnxModel:
         if raw is None:
             raise DataError(f"{path}: an ONNX model without mrisynth's metadata (export it with mrisynth export)")
         self.metadata: dict = json.loads(raw)
-        self.config = dict(self.metadata["model"])
 
     def __call__(self, x: torch.Tensor, sample: bool | None = None) -> tuple[torch.Tensor, None, None]:
         if sample:
