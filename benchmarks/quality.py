@@ -59,7 +59,8 @@ from mrisynth.evaluate import METRIC_KEYS, PROTOCOL, evaluate_folder, json_safe,
 from mrisynth.modalities import MODALITIES
 from mrisynth.models import available_models
 from mrisynth.predict import Synthesizer, parse_missing, write_result
-from mrisynth.train import patient_id, resolve_config, train, usable_cases
+from mrisynth.preprocess import PreprocessConfig
+from mrisynth.train import default_config, patient_id, resolve_config, train, usable_cases
 
 from _common import (
     BASELINES, DEFAULT_DATA, PUBLISH_DIR, RESULTS_DIR, SEED_ID, SEED_MODEL, TIMING_KEYS, Contender, all_contenders,
@@ -238,15 +239,23 @@ def training_summary(run_dir: Path, best: Path, wall_s: float, config: dict) -> 
 
 
 #: settings of a resolved training config that change what a run learns (a model's recipe included)
-RECIPE_KEYS = ("model", "model_options", "target", "lr", "batch_size", "beta", "beta_warmup", "crop", "seed", "preprocess",
-               "slices_per_epoch", "val_fraction", "val_cases")
+RECIPE_KEYS = ("model", "model_options", "target", "lr", "batch_size", "beta", "beta_warmup", "histogram_weight", "crop",
+               "seed", "preprocess", "slices_per_epoch", "val_fraction", "val_cases")
+
+
+def with_defaults(saved: dict) -> dict:
+    """A checkpoint's config with the settings added since it was saved at their defaults (the
+    behaviour it was trained with), so a run from before a new option still counts as the same recipe."""
+    filled = {**default_config(), **saved}
+    filled["preprocess"] = PreprocessConfig.from_dict(saved.get("preprocess", {})).to_dict()
+    return filled
 
 
 def check_reusable(info: dict, config: dict, train_pool: list[str]) -> None:
     """A finished run is reused only if it was trained with these settings on this training pool,
     and with the model's current recipe (``configs/models/<model>.yaml`` may have changed since)."""
     same_pool = sorted(info["train_cases"] + info["val_cases"]) == sorted(train_pool)
-    wanted, saved = resolve_config(config), load_checkpoint(info["checkpoint"])["config"]
+    wanted, saved = resolve_config(config), with_defaults(load_checkpoint(info["checkpoint"])["config"])
     same_recipe = all(wanted.get(k) == saved.get(k) for k in RECIPE_KEYS)
     if not same_pool or info["config"] != config or not same_recipe:
         sys.exit(f"{info['run_dir']} was trained with other settings or cases than this run asks for: "

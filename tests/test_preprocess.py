@@ -257,3 +257,32 @@ def test_prepare_with_a_modality_absent():
     assert list(prepared.brain_slices) == [z for z in range(8) if prepared.mask[z].any()]
     with pytest.raises(ValueError, match="at least one"):
         prepare({}, LPS)
+
+
+def test_median_level_puts_the_brain_median_at_the_level_and_keeps_bright_tissue_below_one():
+    rng = np.random.default_rng(0)
+    v = np.zeros((20, 20, 20), np.float32)
+    mask = np.zeros(v.shape, bool)
+    mask[3:17, 3:17, 3:17] = True
+    v[mask] = rng.uniform(100, 300, mask.sum())
+    v[8:10, 8:10, 8:10] = 400  # a small bright lesion (0.3 % of the brain): above the 99th percentile
+    out, (lo, top) = normalise(v, mask, median_level=0.25)
+    p1, median = np.percentile(v[mask], [1, 50])
+    assert lo == pytest.approx(p1) and top == pytest.approx(p1 + (median - p1) / 0.25)
+    assert np.median(out[mask]) == pytest.approx(0.25, abs=1e-3)
+    assert 0.25 < out[9, 9, 9] < 1  # the lesion keeps its contrast instead of being clipped at 1
+    seed, _ = normalise(v, mask)
+    assert seed[9, 9, 9] == 1  # the seed's scaling saturates it
+    # the contrast to typical tissue does not depend on how much bright tissue the volume holds
+    more = v.copy()
+    more[5:15, 5:15, 5:8] = 400  # 10 % of the brain bright now
+    out_more, _ = normalise(more, mask, median_level=0.25)
+    seed_more, _ = normalise(more, mask)
+    typical = (12, 12, 12)
+    assert abs(out_more[typical] - out[typical]) < abs(seed_more[typical] - seed[typical])
+
+
+def test_median_level_is_checked_and_changes_the_config():
+    assert PreprocessConfig(median_level=1.0).problems() == ["median_level: expected 0 (off) or a level in (0, 1), found 1.0"]
+    assert PreprocessConfig(median_level=-0.1).problems()
+    assert PreprocessConfig(median_level=0.25).to_dict() != PreprocessConfig().to_dict()  # so the cache key changes

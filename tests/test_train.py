@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 import yaml
 
 import mrisynth.train as train_mod
@@ -84,9 +85,10 @@ def test_default_config_is_the_seed_recipe() -> None:
     assert set(config) == set(default_config())
     expected = {"model": "vae_unet", "target": "flair", "beta": 1e-4, "beta_warmup": 0.5, "lr": 1e-4,
                 "batch_size": 4, "epochs": 10, "crop": 160, "seed": 0, "slices_per_epoch": None,
-                "max_minutes": None, "num_workers": 0, "deterministic": False}
+                "max_minutes": None, "num_workers": 0, "deterministic": False, "histogram_weight": 0.0}
     assert {k: config[k] for k in expected} == expected
-    assert config["preprocess"] == {"low_percentile": 1.0, "high_percentile": 99.0, "min_window": 160, "multiple": 16}
+    assert config["preprocess"] == {"low_percentile": 1.0, "high_percentile": 99.0, "min_window": 160, "multiple": 16,
+                                    "median_level": 0.0}
 
 
 def test_config_file_then_flags_override_defaults(tmp_path: Path) -> None:
@@ -357,6 +359,8 @@ def test_a_model_recipe_sits_between_the_defaults_and_the_user_settings():
     assert recipe and model_recipe("vae_unet") == {}
     config = resolve_config({"model": "lite_vae_unet"})
     assert (config["target"], config["lr"], config["batch_size"]) == ("any", recipe["lr"], recipe["batch_size"])
+    assert config["preprocess"]["median_level"] == recipe["preprocess"]["median_level"] > 0
+    assert resolve_config({"model": "vae_unet"})["preprocess"]["median_level"] == 0  # the seed keeps its scaling
     assert resolve_config({"model": "lite_vae_unet", "lr": 1e-3, "target": "flair"})["lr"] == 1e-3
     seed = resolve_config({})
     assert (seed["model"], seed["target"], seed["lr"], seed["batch_size"]) == ("vae_unet", "flair", 1e-4, 4)
@@ -410,3 +414,27 @@ def test_a_scale_model_trains_and_its_checkpoint_keeps_the_scale_head(data_root:
     model = build_model_from_checkpoint(checkpoint)
     pred, _, _ = model.eval()(torch.rand(1, 8, 32, 32), sample=True)
     assert pred.shape == (1, 2, 32, 32)
+
+
+def test_histogram_l1_compares_intensity_distributions_not_positions() -> None:
+    from mrisynth.train import histogram_l1
+
+    target = torch.tensor([[[[0.0, 0.2], [0.6, 1.0]]]])
+    shuffled = target.flatten()[[3, 0, 2, 1]].reshape(target.shape)
+    assert float(histogram_l1(shuffled, target)) == 0.0  # same values elsewhere: no histogram penalty
+    compressed = 0.5 + 0.5 * (target - 0.5)  # right order, tails pulled towards the middle
+    assert float(histogram_l1(compressed, target)) == pytest.approx(float(F.l1_loss(compressed, target)))
+    assert float(histogram_l1(compressed, target)) > 0.1
+
+
+def test_histogram_weight_enters_the_loss(data_root: Path, tmp_path: Path, monkeypatch) -> None:
+    calls = []
+    real = train_mod.histogram_l1
+    monkeypatch.setattr(train_mod, "histogram_l1", lambda p, t: calls.append(1) or real(p, t))
+    train(tiny(histogram_weight=0.5), data_root, tmp_path / "on")
+    assert calls
+    calls.clear()
+    train(tiny(), data_root, tmp_path / "off")
+    assert not calls
+    with pytest.raises(UsageError, match="histogram_weight"):
+        train(tiny(histogram_weight=-1), data_root, tmp_path / "bad")

@@ -28,6 +28,10 @@ class PreprocessConfig:
     high_percentile: float = 99.0
     min_window: int = 160
     multiple: int = 16
+    # 0: the seed's scaling (high percentile -> 1). L > 0: the brain's median -> L (low percentile
+    # -> 0, clipped at 1), so a voxel's value is its contrast to the brain's typical tissue, which a
+    # slice shows, instead of to the volume's brightest 1 %, which it may not
+    median_level: float = 0.0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -47,6 +51,7 @@ class PreprocessConfig:
             ("high_percentile", self.high_percentile <= 100, "at most 100"),
             ("min_window", self.min_window >= 16, "at least 16"),
             ("multiple", self.multiple >= 16 and self.multiple % 16 == 0, "a positive multiple of 16"),
+            ("median_level", 0 <= self.median_level < 1, "0 (off) or a level in (0, 1)"),
         ]
         return [f"{key}: expected {expected}, found {values[key]!r}" for key, ok, expected in rules if not ok]
 
@@ -72,12 +77,22 @@ def brain_mask(volumes: list[np.ndarray]) -> np.ndarray:
     return mask
 
 
-def normalise(volume: np.ndarray, mask: np.ndarray, low: float = 1.0, high: float = 99.0) -> tuple[np.ndarray, tuple[float, float]]:
-    """Clip to the low/high percentiles of the brain voxels, scale to [0,1], 0 outside the brain."""
+def normalise(
+    volume: np.ndarray, mask: np.ndarray, low: float = 1.0, high: float = 99.0, median_level: float = 0.0
+) -> tuple[np.ndarray, tuple[float, float]]:
+    """Clip to the low/high percentiles of the brain voxels, scale to [0,1], 0 outside the brain.
+
+    With ``median_level`` L > 0 the scale is set by the median instead: the low percentile -> 0,
+    the brain's median -> L, values clipped to [0, 1] (so 1 is the low percentile plus
+    (median - low percentile) / L). Returned: the (value at 0, value at 1) pair.
+    """
     brain = volume[mask]
     if brain.size == 0:
         return np.zeros(volume.shape, dtype=np.float32), (0.0, 0.0)
     lo, hi = (float(v) for v in np.percentile(brain, [low, high]))
+    if median_level > 0:
+        median = float(np.percentile(brain, 50))
+        hi = lo + (median - lo) / median_level
     out = np.zeros(volume.shape, dtype=np.float32)
     # lo and hi rounded to float32 once, and the result clipped: every value lies in [0, 1], with
     # exactly 0 at or below the low percentile and exactly 1 at or above the high one
@@ -206,6 +221,6 @@ def prepare(
     slices = np.zeros((len(MODALITIES), z, h, w), dtype=np.float32)
     percentiles = {}
     for m in available:
-        normalised, percentiles[m] = normalise(volumes[m], mask, config.low_percentile, config.high_percentile)
+        normalised, percentiles[m] = normalise(volumes[m], mask, config.low_percentile, config.high_percentile, config.median_level)
         slices[MODALITIES.index(m)] = layout.to_slices(normalised)
     return PreparedCase(slices=slices, mask=slice_mask, available=available, layout=layout, percentiles=percentiles)

@@ -56,7 +56,7 @@ from .preprocess import PreprocessConfig
 RESUME_OVERRIDABLE = ("epochs", "max_minutes", "device", "num_workers")
 
 _INT_KEYS = ("batch_size", "epochs", "crop", "seed", "num_workers", "val_cases", "val_slices", "slices_per_epoch")
-_FLOAT_KEYS = ("beta", "beta_warmup", "lr", "val_fraction", "max_minutes")
+_FLOAT_KEYS = ("beta", "beta_warmup", "histogram_weight", "lr", "val_fraction", "max_minutes")
 _OPTIONAL_KEYS = ("val_cases", "val_slices", "slices_per_epoch", "max_minutes")
 _SECTION_KEYS = ("model_options", "preprocess")
 _METRICS_COLUMNS = (
@@ -165,6 +165,7 @@ def _check_ranges(config: dict) -> None:
         ("batch_size", config["batch_size"] >= 1, "at least 1"),
         ("lr", config["lr"] > 0, "positive"),
         ("beta", config["beta"] >= 0, "0 or more"),
+        ("histogram_weight", config["histogram_weight"] >= 0, "0 or more"),
         ("beta_warmup", 0 <= config["beta_warmup"] <= 1, "between 0 and 1"),
         ("val_fraction", 0 < config["val_fraction"] < 1, "between 0 and 1"),
         ("crop", config["crop"] >= 16 and config["crop"] % 16 == 0, "a positive multiple of 16"),
@@ -345,6 +346,19 @@ def loss_terms(
     return F.l1_loss(pred.float(), target.float()), kl_divergence(mu.float(), logvar.float())
 
 
+def histogram_l1(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """L1 between the sorted values of each predicted and target slice: a 1-D Wasserstein distance.
+
+    Why: per-voxel L1 pulls every uncertain voxel towards the conditional median, so the brightest
+    (and darkest) tissue comes out compressed. Scorers and segmenters rescale each volume by its
+    own percentiles, so a compressed top end stretches the whole brain brighter. This term asks for
+    the right intensity distribution per slice, wherever the voxels are.
+    """
+    pred_sorted = pred.float().flatten(1).sort(dim=1).values
+    target_sorted = target.float().flatten(1).sort(dim=1).values
+    return F.l1_loss(pred_sorted, target_sorted)
+
+
 def laplace_nll(mean: torch.Tensor, log_scale: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Laplace negative log-likelihood of ``target`` (up to log 2) for a predicted log scale.
 
@@ -499,6 +513,8 @@ class Trainer:
             pred, mu, logvar = self.model(inputs)
         l1, kl = loss_terms(pred[:, :1], mu, logvar, target)
         loss = l1 + beta * kl
+        if self.config["histogram_weight"] > 0:
+            loss = loss + self.config["histogram_weight"] * histogram_l1(pred[:, :1], target)
         if pred.shape[1] == 2:  # a scale-predicting model (predict_scale): channel 1 is log b
             loss = loss + laplace_nll(pred[:, :1], pred[:, 1:], target)
         l1_value, kl_value = torch.stack([l1.detach(), kl.detach()]).tolist()
