@@ -18,6 +18,7 @@ def test_pretrained_weights_are_safetensors_within_budget_with_metadata():
         assert "mrisynth" in handle.metadata()
     checkpoint = load_checkpoint(PRETRAINED)
     assert checkpoint["model"]["name"] == "lite_vae_unet" and checkpoint["target"] == "any"
+    assert checkpoint["preprocess"]["median_level"] == 0.25  # trained with the recipe's median scaling
 
 
 @pytest.mark.parametrize("missing", MODALITIES)
