@@ -89,10 +89,11 @@ def normalise(
     brain = volume[mask]
     if brain.size == 0:
         return np.zeros(volume.shape, dtype=np.float32), (0.0, 0.0)
-    lo, hi = (float(v) for v in np.percentile(brain, [low, high]))
-    if median_level > 0:
-        median = float(np.percentile(brain, 50))
+    if median_level > 0:  # one partial sort for both percentiles
+        lo, median = (float(v) for v in np.percentile(brain, [low, 50.0]))
         hi = lo + (median - lo) / median_level
+    else:
+        lo, hi = (float(v) for v in np.percentile(brain, [low, high]))
     out = np.zeros(volume.shape, dtype=np.float32)
     # lo and hi rounded to float32 once, and the result clipped: every value lies in [0, 1], with
     # exactly 0 at or below the low percentile and exactly 1 at or above the high one
