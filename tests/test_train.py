@@ -85,7 +85,8 @@ def test_default_config_is_the_seed_recipe() -> None:
     assert set(config) == set(default_config())
     expected = {"model": "vae_unet", "target": "flair", "beta": 1e-4, "beta_warmup": 0.5, "lr": 1e-4,
                 "batch_size": 4, "epochs": 10, "crop": 160, "seed": 0, "slices_per_epoch": None,
-                "max_minutes": None, "num_workers": 0, "deterministic": False, "histogram_weight": 0.0}
+                "max_minutes": None, "num_workers": 0, "deterministic": False, "histogram_weight": 0.0,
+                "mse_weight": 0.0}
     assert {k: config[k] for k in expected} == expected
     assert config["preprocess"] == {"low_percentile": 1.0, "high_percentile": 99.0, "min_window": 160, "multiple": 16,
                                     "median_level": 0.0}
@@ -438,3 +439,16 @@ def test_histogram_weight_enters_the_loss(data_root: Path, tmp_path: Path, monke
     assert not calls
     with pytest.raises(UsageError, match="histogram_weight"):
         train(tiny(histogram_weight=-1), data_root, tmp_path / "bad")
+
+
+def test_mse_weight_adds_the_squared_error_to_the_loss(data_root: Path, tmp_path: Path, monkeypatch) -> None:
+    calls = []
+    real = train_mod.F.mse_loss
+    monkeypatch.setattr(train_mod.F, "mse_loss", lambda p, t: calls.append(1) or real(p, t))
+    train(tiny(mse_weight=10), data_root, tmp_path / "on")
+    assert calls
+    calls.clear()
+    train(tiny(), data_root, tmp_path / "off")
+    assert not calls
+    with pytest.raises(UsageError, match="mse_weight"):
+        train(tiny(mse_weight=-1), data_root, tmp_path / "bad")

@@ -56,7 +56,7 @@ from .preprocess import PreprocessConfig
 RESUME_OVERRIDABLE = ("epochs", "max_minutes", "device", "num_workers")
 
 _INT_KEYS = ("batch_size", "epochs", "crop", "seed", "num_workers", "val_cases", "val_slices", "slices_per_epoch")
-_FLOAT_KEYS = ("beta", "beta_warmup", "histogram_weight", "lr", "val_fraction", "max_minutes")
+_FLOAT_KEYS = ("beta", "beta_warmup", "histogram_weight", "mse_weight", "lr", "val_fraction", "max_minutes")
 _OPTIONAL_KEYS = ("val_cases", "val_slices", "slices_per_epoch", "max_minutes")
 _SECTION_KEYS = ("model_options", "preprocess")
 _METRICS_COLUMNS = (
@@ -166,6 +166,7 @@ def _check_ranges(config: dict) -> None:
         ("lr", config["lr"] > 0, "positive"),
         ("beta", config["beta"] >= 0, "0 or more"),
         ("histogram_weight", config["histogram_weight"] >= 0, "0 or more"),
+        ("mse_weight", config["mse_weight"] >= 0, "0 or more"),
         ("beta_warmup", 0 <= config["beta_warmup"] <= 1, "between 0 and 1"),
         ("val_fraction", 0 < config["val_fraction"] < 1, "between 0 and 1"),
         ("crop", config["crop"] >= 16 and config["crop"] % 16 == 0, "a positive multiple of 16"),
@@ -513,6 +514,8 @@ class Trainer:
             pred, mu, logvar = self.model(inputs)
         l1, kl = loss_terms(pred[:, :1], mu, logvar, target)
         loss = l1 + beta * kl
+        if self.config["mse_weight"] > 0:  # squared error: PSNR's own measure, and less pull to the median
+            loss = loss + self.config["mse_weight"] * F.mse_loss(pred[:, :1].float(), target.float())
         if self.config["histogram_weight"] > 0:
             loss = loss + self.config["histogram_weight"] * histogram_l1(pred[:, :1], target)
         if pred.shape[1] == 2:  # a scale-predicting model (predict_scale): channel 1 is log b
