@@ -1,5 +1,5 @@
 """The seed's preprocessing (brain mask, 1st-99th percentile scaling, axial slices, 160x160 window)
-and its exact inverse.
+and its exact inverse; optionally a median-based scaling (``PreprocessConfig.median_level``).
 
 Volumes are first reoriented to LPS (BraTS's orientation) by axis permutation and flips only, so a
 case stored in RAS, or with its axes in another order, gives the network the same axial slices;

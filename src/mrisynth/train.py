@@ -122,14 +122,21 @@ def merge_config(base: dict, overrides: dict) -> dict:
     return merged
 
 
-def resolve_config(overrides: dict) -> dict:
-    """Defaults + ``overrides``, checked, with numbers coerced (PyYAML reads ``1e-4`` as a string)."""
+def resolve_config(overrides: dict, use_recipe: bool = True) -> dict:
+    """Defaults (+ the model's recipe) + ``overrides``, checked, with numbers coerced (PyYAML reads
+    ``1e-4`` as a string).
+
+    ``use_recipe=False`` is for a config saved by an earlier run: it is complete as of its time, so
+    a setting it lacks was added later and takes its default (the behaviour the run trained with),
+    not what the model's recipe says today.
+    """
     defaults = default_config()
     unknown = sorted(set(overrides) - set(defaults))
     if unknown:
         raise UsageError(f"unknown training setting(s) {', '.join(unknown)}. Known: {', '.join(sorted(defaults))}")
     model = str(overrides.get("model", defaults["model"]))
-    config = merge_config(merge_config(defaults, model_recipe(model)), overrides)
+    recipe = model_recipe(model) if use_recipe else {}
+    config = merge_config(merge_config(defaults, recipe), overrides)
     for key in _INT_KEYS + _FLOAT_KEYS:
         if config[key] is None and key in _OPTIONAL_KEYS:
             continue
@@ -201,8 +208,8 @@ def _check_preprocess(section: dict) -> dict:
 
 def resume_config(saved: dict, overrides: dict, log: Callable[[str], None]) -> dict:
     """The run's saved config; only :data:`RESUME_OVERRIDABLE` settings may change on resume."""
-    saved = resolve_config(saved)
-    wanted = resolve_config(merge_config(saved, overrides))
+    saved = resolve_config(saved, use_recipe=False)
+    wanted = resolve_config(merge_config(saved, overrides), use_recipe=False)
     ignored = [k for k in overrides if k not in RESUME_OVERRIDABLE and wanted[k] != saved[k]]
     if ignored:
         log(
