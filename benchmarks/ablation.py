@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from pathlib import Path
 
@@ -31,7 +30,7 @@ import torch
 from _common import RESULTS_DIR, command_line, commit_line, git_commit, machine_info, machine_line, use_cache_dir
 from mrisynth.cases import discover_cases
 from mrisynth.evaluate import pair_predictions, read_pair
-from mrisynth.metrics import normalise_percentile
+from mrisynth.metrics import brain_errors, normalise_percentile
 from mrisynth.modalities import MODALITIES
 from mrisynth.predict import Synthesizer, write_result
 from mrisynth.train import train
@@ -56,12 +55,8 @@ def brain_scores(pred_dir: Path, test_root: Path, target: str) -> list[dict]:
     rows = []
     for pair in pairs:
         data = read_pair(pair)
-        ref = normalise_percentile(data.reference, data.mask)[data.mask].astype(np.float64)
-        pred = normalise_percentile(data.prediction, data.mask)[data.mask].astype(np.float64)
-        diff = pred - ref
-        mse = float(np.mean(diff**2))
-        rows.append({"case": pair.case_id, "psnr": 10 * math.log10(1 / mse) if mse else math.inf,
-                     "mae": float(np.mean(np.abs(diff))), "bias": float(np.mean(diff))})
+        ref_n, pred_n = (normalise_percentile(v, data.mask) for v in (data.reference, data.prediction))
+        rows.append({"case": pair.case_id, **brain_errors(ref_n, pred_n, data.mask)})
     return rows
 
 
@@ -85,8 +80,7 @@ def main(argv: list[str] | None = None) -> None:
         for case in discover_cases(test_root):
             write_result(synthesizer.predict(case, missing=target), pred_dir, overwrite=True)
         rows = brain_scores(pred_dir, test_root, target)
-        scores[target] = {"psnr": float(np.mean([r["psnr"] for r in rows])), "mae": float(np.mean([r["mae"] for r in rows])),
-                          "bias": float(np.mean([r["bias"] for r in rows])), "cases": rows}
+        scores[target] = {**{k: float(np.mean([r[k] for r in rows])) for k in ("psnr", "mae", "bias")}, "cases": rows}
         print(f"{args.name} {target}: brain PSNR {scores[target]['psnr']:.2f} dB, MAE {scores[target]['mae']:.4f}, "
               f"bias {scores[target]['bias']:+.3f}", flush=True)
     report = {"name": args.name, "settings": overrides, "train_s": round(train_s, 1), "command": command_line("ablation.py", argv),

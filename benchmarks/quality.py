@@ -59,8 +59,7 @@ from mrisynth.evaluate import METRIC_KEYS, PROTOCOL, evaluate_folder, json_safe,
 from mrisynth.modalities import MODALITIES
 from mrisynth.models import available_models
 from mrisynth.predict import Synthesizer, parse_missing, write_result
-from mrisynth.preprocess import PreprocessConfig
-from mrisynth.train import default_config, patient_id, resolve_config, train, usable_cases
+from mrisynth.train import patient_id, resolve_config, train, usable_cases
 
 from _common import (
     BASELINES, DEFAULT_DATA, PUBLISH_DIR, RESULTS_DIR, SEED_ID, SEED_MODEL, TIMING_KEYS, Contender, all_contenders,
@@ -243,19 +242,12 @@ RECIPE_KEYS = ("model", "model_options", "target", "lr", "batch_size", "beta", "
                "seed", "preprocess", "slices_per_epoch", "val_fraction", "val_cases")
 
 
-def with_defaults(saved: dict) -> dict:
-    """A checkpoint's config with the settings added since it was saved at their defaults (the
-    behaviour it was trained with), so a run from before a new option still counts as the same recipe."""
-    filled = {**default_config(), **saved}
-    filled["preprocess"] = PreprocessConfig.from_dict(saved.get("preprocess", {})).to_dict()
-    return filled
-
-
 def check_reusable(info: dict, config: dict, train_pool: list[str]) -> None:
     """A finished run is reused only if it was trained with these settings on this training pool,
     and with the model's current recipe (``configs/models/<model>.yaml`` may have changed since)."""
     same_pool = sorted(info["train_cases"] + info["val_cases"]) == sorted(train_pool)
-    wanted, saved = resolve_config(config), with_defaults(load_checkpoint(info["checkpoint"])["config"])
+    # a saved config takes the defaults (not today's recipe) for settings added since it was saved
+    wanted, saved = resolve_config(config), resolve_config(load_checkpoint(info["checkpoint"])["config"], use_recipe=False)
     same_recipe = all(wanted.get(k) == saved.get(k) for k in RECIPE_KEYS)
     if not same_pool or info["config"] != config or not same_recipe:
         sys.exit(f"{info['run_dir']} was trained with other settings or cases than this run asks for: "

@@ -428,30 +428,19 @@ def test_histogram_l1_compares_intensity_distributions_not_positions() -> None:
     assert float(histogram_l1(compressed, target)) > 0.1
 
 
-def test_histogram_weight_enters_the_loss(data_root: Path, tmp_path: Path, monkeypatch) -> None:
+@pytest.mark.parametrize("setting, owner, term", [("histogram_weight", train_mod, "histogram_l1"),
+                                                   ("mse_weight", train_mod.F, "mse_loss")])
+def test_a_loss_weight_adds_its_term_only_when_set(setting, owner, term, data_root: Path, tmp_path: Path, monkeypatch) -> None:
     calls = []
-    real = train_mod.histogram_l1
-    monkeypatch.setattr(train_mod, "histogram_l1", lambda p, t: calls.append(1) or real(p, t))
-    train(tiny(histogram_weight=0.5), data_root, tmp_path / "on")
+    real = getattr(owner, term)
+    monkeypatch.setattr(owner, term, lambda p, t: calls.append(1) or real(p, t))
+    train(tiny(**{setting: 0.5}), data_root, tmp_path / "on")
     assert calls
     calls.clear()
     train(tiny(), data_root, tmp_path / "off")
     assert not calls
-    with pytest.raises(UsageError, match="histogram_weight"):
-        train(tiny(histogram_weight=-1), data_root, tmp_path / "bad")
-
-
-def test_mse_weight_adds_the_squared_error_to_the_loss(data_root: Path, tmp_path: Path, monkeypatch) -> None:
-    calls = []
-    real = train_mod.F.mse_loss
-    monkeypatch.setattr(train_mod.F, "mse_loss", lambda p, t: calls.append(1) or real(p, t))
-    train(tiny(mse_weight=10), data_root, tmp_path / "on")
-    assert calls
-    calls.clear()
-    train(tiny(), data_root, tmp_path / "off")
-    assert not calls
-    with pytest.raises(UsageError, match="mse_weight"):
-        train(tiny(mse_weight=-1), data_root, tmp_path / "bad")
+    with pytest.raises(UsageError, match=setting):
+        train(tiny(**{setting: -1}), data_root, tmp_path / "bad")
 
 
 def test_resuming_a_run_saved_before_a_setting_existed_keeps_that_settings_default() -> None:

@@ -235,12 +235,18 @@ def brain_metrics(
 
     ref_n = normalise_percentile(reference, mask)
     pred_n = normalise_percentile(prediction, mask)
-
-    diff = pred_n[mask].astype(np.float64) - ref_n[mask].astype(np.float64)
-    mse = float(np.mean(diff * diff))
-    mae = float(np.mean(np.abs(diff)))
+    errors = brain_errors(ref_n, pred_n, mask)
     ssim2d, ssim3d = _ssim_2d_and_3d(ref_n, pred_n, mask)
-    return {"psnr": _psnr_from_mse(mse), "mae": mae, "ssim2d": ssim2d, "ssim3d": ssim3d}
+    return {"psnr": errors["psnr"], "mae": errors["mae"], "ssim2d": ssim2d, "ssim3d": ssim3d}
+
+
+def brain_errors(ref_n: np.ndarray, pred_n: np.ndarray, mask: np.ndarray) -> dict[str, float]:
+    """PSNR, MAE and mean signed error (``bias``, > 0: prediction brighter) over ``mask`` of two
+    volumes already scaled by :func:`normalise_percentile` (the voxel-wise part of
+    :func:`brain_metrics`, without its SSIMs)."""
+    diff = pred_n[mask].astype(np.float64) - ref_n[mask].astype(np.float64)
+    return {"psnr": _psnr_from_mse(float(np.mean(diff * diff))), "mae": float(np.mean(np.abs(diff))),
+            "bias": float(np.mean(diff))}
 
 
 # --------------------------------------------------------------------------------------------
