@@ -30,6 +30,7 @@ from mrisynth.train import (
     TrainingDiverged,
     beta_at,
     default_config,
+    lr_at,
     load_config_file,
     merge_config,
     resolve_config,
@@ -86,7 +87,7 @@ def test_default_config_is_the_seed_recipe() -> None:
     expected = {"model": "vae_unet", "target": "flair", "beta": 1e-4, "beta_warmup": 0.5, "lr": 1e-4,
                 "batch_size": 4, "epochs": 10, "crop": 160, "seed": 0, "slices_per_epoch": None,
                 "max_minutes": None, "num_workers": 0, "deterministic": False, "histogram_weight": 0.0,
-                "mse_weight": 0.0}
+                "mse_weight": 0.0, "lr_schedule": "constant", "calibrate": False}
     assert {k: config[k] for k in expected} == expected
     assert config["preprocess"] == {"low_percentile": 1.0, "high_percentile": 99.0, "min_window": 160, "multiple": 16,
                                     "median_level": 0.0}
@@ -172,6 +173,25 @@ def test_beta_warms_up_linearly_over_the_first_half() -> None:
     assert beta_at(50, 100, beta, 0.5) == pytest.approx(beta)
     assert beta_at(99, 100, beta, 0.5) == pytest.approx(beta)
     assert beta_at(0, 100, beta, 0.0) == beta
+
+
+def test_cosine_schedule_falls_from_lr_to_zero_and_constant_stays() -> None:
+    assert lr_at(0, 100, 1e-3, "cosine") == pytest.approx(1e-3)
+    assert lr_at(50, 100, 1e-3, "cosine") == pytest.approx(5e-4)
+    assert lr_at(100, 100, 1e-3, "cosine") == pytest.approx(0.0, abs=1e-12)
+    assert lr_at(150, 100, 1e-3, "cosine") == pytest.approx(0.0, abs=1e-12)  # past the end: stays at 0
+    assert lr_at(50, 100, 1e-3, "constant") == 1e-3
+
+
+def test_training_uses_the_schedule_step_by_step(data_root: Path, tmp_path: Path) -> None:
+    train(tiny(lr_schedule="cosine", lr=1e-3), data_root, tmp_path / "cos")
+    state = load_pt(tmp_path / "cos" / "last.pt")["train_state"]
+    last_step = state["global_step"] - 1
+    expected = lr_at(last_step, last_step + 1, 1e-3, "cosine")  # the run's total is its last step + 1
+    assert state["optimizer"]["param_groups"][0]["lr"] == pytest.approx(expected)
+    assert expected < 1e-3
+    with pytest.raises(UsageError, match="lr_schedule"):
+        resolve_config({"lr_schedule": "linear"})
 
 
 def test_epoch_sampler_draws_k_per_epoch_sharded_and_resumable() -> None:

@@ -83,7 +83,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     report = predict_folder(
         args.input, args.output, missing=args.missing, samples=args.samples, batch_size=args.batch_size,
         overwrite=args.overwrite, device=args.device, threads=args.threads, checkpoint=args.model, mask=args.mask,
-        engine=args.engine,
+        engine=args.engine, calibrated=not args.no_calibration,
     )
     for path in report.written:
         print(path)
@@ -105,6 +105,9 @@ def add_predict(sub: argparse._SubParsersAction) -> None:
                    help="torch (eager PyTorch) or onnx (ONNX Runtime, CPU; about 1.2x faster with --threads 1; a checkpoint is exported once into the cache; "
                         "needs the onnx extra). Default: onnx for an .onnx --model, else torch")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs (default: skip those cases)")
+    p.add_argument("--no-calibration", action="store_true",
+                   help="write the network's raw output, without the intensity calibration that training enabled for "
+                        "some modalities (docs/architecture.md)")
     p.add_argument(
         "--mask", type=Path, default=None,
         help="brain mask NIfTI on the case's grid (nonzero = brain) replacing the computed one; --input must be one case",

@@ -18,6 +18,7 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 
+from .calibration import Calibration, calibrate
 from .cases import STD_SUFFIX, Case, discover_cases
 from .checkpoint import build_model_from_checkpoint, load_checkpoint
 from .dataset import assemble_input, check_target_mode, in_channels_for
@@ -39,6 +40,7 @@ class SynthesisResult:
     timings: dict[str, float] = field(default_factory=dict)  # seconds: read, preprocess, network, restore
     n_slices: int = 0  # brain-containing axial slices that went through the network
     window: tuple[int, int] = (0, 0)  # in-plane size of the network input
+    calibrated: bool = False  # the checkpoint's intensity calibration was applied
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -82,11 +84,15 @@ def set_threads(threads: int | None) -> None:
 class Synthesizer:
     """A trained model plus the preprocessing it was trained with: the whole prediction recipe."""
 
-    def __init__(self, model: torch.nn.Module, target: str, config: PreprocessConfig, device: torch.device) -> None:
+    def __init__(
+        self, model: torch.nn.Module, target: str, config: PreprocessConfig, device: torch.device,
+        calibration: Calibration | None = None,
+    ) -> None:
         self.model = model.to(device).eval()
         self.target = target  # a canonical modality (fixed-target model) or "any"
         self.config = config
         self.device = device
+        self.calibration = calibration  # output intensity calibration fitted in training (see calibration.py)
 
     @classmethod
     def from_checkpoint(
@@ -124,7 +130,7 @@ class Synthesizer:
         config = PreprocessConfig.from_dict(metadata["preprocess"])
         for problem in config.problems():
             raise DataError(f"{path}: the checkpoint's preprocessing setting {problem}")
-        return cls(model, target, config, torch_device)
+        return cls(model, target, config, torch_device, Calibration.from_dict(metadata.get("calibration")))
 
     def check_samples(self, samples: int) -> None:
         """Posterior samples need the torch model (the ONNX graph is the deterministic synthesis)."""
@@ -179,12 +185,15 @@ class Synthesizer:
         samples: int = 1,
         batch_size: int = 16,
         mask: np.ndarray | None = None,
+        calibrated: bool = True,
     ) -> SynthesisResult:
         """Synthesize one modality of ``case`` on the grid of its inputs.
 
         ``samples >= 2`` draws that many posterior samples: the volume is their mean and ``std``
         their per-voxel standard deviation (unbiased, ddof=1). ``mask`` replaces the brain mask
-        computed from the inputs (same shape as the inputs).
+        computed from the inputs (same shape as the inputs). ``calibrated``: apply the
+        checkpoint's intensity calibration where training enabled it for this modality
+        (:mod:`mrisynth.calibration`); False gives the network's raw output.
         """
         check_counts(samples, batch_size)
         self.check_samples(samples)
@@ -210,10 +219,13 @@ class Synthesizer:
         start = time.perf_counter()
         volume = self._restore(prepared, mean_slices, mask)
         std = self._restore(prepared, std_slices, mask) if std_slices is not None else None
+        applied = calibrated and self.calibration is not None and self.calibration.applies_to(modality)
+        if applied:
+            volume, std = calibrate(volume, mask, self.calibration.templates[modality], std)  # type: ignore[union-attr]
         timings["restore"] = time.perf_counter() - start
         return SynthesisResult(
             modality, volume, std, geometry, case, timings,
-            n_slices=len(prepared.brain_slices), window=tuple(prepared.layout.size),
+            n_slices=len(prepared.brain_slices), window=tuple(prepared.layout.size), calibrated=applied,
         )
 
     @staticmethod
@@ -417,6 +429,7 @@ def predict_folder(
     progress: bool = True,
     mask: str | Path | None = None,
     engine: str | None = None,
+    calibrated: bool = True,
 ) -> FolderReport:
     """Synthesize every case under ``input_path`` (one case folder or a root of many) into ``output_dir``.
 
@@ -424,7 +437,8 @@ def predict_folder(
     (and the case skipped) unless ``overwrite``. With several cases, a case that fails is
     reported on one line and the others go on; with a single case its error is raised.
     ``mask`` is a brain-mask file (nonzero = brain, on the case's grid) replacing the computed
-    mask; it needs ``input_path`` to hold a single case.
+    mask; it needs ``input_path`` to hold a single case. ``calibrated=False`` writes the network's
+    raw output instead of the checkpoint's calibrated one (:mod:`mrisynth.calibration`).
     """
     check_counts(samples, batch_size)
     explicit = None if missing in (None, "auto") else parse_missing(missing)
@@ -451,7 +465,7 @@ def predict_folder(
     bar = tqdm(cases, desc="predict", unit="case", disable=not progress or single, file=sys.stderr)
     for case in bar:
         try:
-            _predict_one(synthesizer, case, output_dir, explicit, samples, batch_size, overwrite, report, mask)
+            _predict_one(synthesizer, case, output_dir, explicit, samples, batch_size, overwrite, report, mask, calibrated)
         except MrisynthError as exc:
             if single or isinstance(exc, UsageError):
                 raise
@@ -493,6 +507,7 @@ def _predict_one(
     overwrite: bool,
     report: FolderReport,
     mask_path: str | Path | None = None,
+    calibrated: bool = True,
 ) -> None:
     """One case: skip it when its outputs exist, else predict and write."""
     modality = synthesizer.missing_modality(case, missing)
@@ -507,7 +522,8 @@ def _predict_one(
         tqdm.write(f"skipped: {case.id}: {existing[0]} exists (use --overwrite to replace it)", file=sys.stderr)
         return
     mask = read_mask(mask_path, case, modality) if mask_path is not None else None
-    result = synthesizer.predict(case, missing=modality, samples=samples, batch_size=batch_size, mask=mask)
+    result = synthesizer.predict(case, missing=modality, samples=samples, batch_size=batch_size, mask=mask,
+                                 calibrated=calibrated)
     try:
         report.written.extend(write_result(result, output_dir, overwrite=overwrite, protected=protected))
     except OutputExistsError as exc:  # another process wrote it while this one was predicting

@@ -43,11 +43,13 @@ from tqdm import tqdm
 
 from . import __version__, distributed
 from .cache import CachedCase, load_cached_case
+from .calibration import Calibration, fit_calibration
 from .cases import Case, discover_cases
 from .checkpoint import checkpoint_metadata, export_safetensors, load_checkpoint, save_checkpoint
 from .dataset import SliceDataset, assemble_input, check_target_mode, in_channels_for
 from .distributed import DEVICE_CHOICES, DistEnv
 from .errors import DataError, MrisynthError, UsageError
+from .modalities import MODALITIES
 from .models import build_model, kl_divergence
 from .models.blocks import count_parameters
 from .preprocess import PreprocessConfig
@@ -55,6 +57,7 @@ from .preprocess import PreprocessConfig
 #: settings that ``--resume`` takes from the command line; every other one comes from the run's config
 RESUME_OVERRIDABLE = ("epochs", "max_minutes", "device", "num_workers")
 
+LR_SCHEDULES = ("constant", "cosine")
 _INT_KEYS = ("batch_size", "epochs", "crop", "seed", "num_workers", "val_cases", "val_slices", "slices_per_epoch")
 _FLOAT_KEYS = ("beta", "beta_warmup", "histogram_weight", "mse_weight", "lr", "val_fraction", "max_minutes")
 _OPTIONAL_KEYS = ("val_cases", "val_slices", "slices_per_epoch", "max_minutes")
@@ -184,6 +187,8 @@ def _check_ranges(config: dict) -> None:
         ("max_minutes", config["max_minutes"] is None or config["max_minutes"] >= 0, "0 or more"),
         ("device", config["device"] in DEVICE_CHOICES, f"one of {', '.join(DEVICE_CHOICES)}"),
         ("deterministic", isinstance(config["deterministic"], bool), "true or false"),
+        ("calibrate", isinstance(config["calibrate"], bool), "true or false"),
+        ("lr_schedule", config["lr_schedule"] in LR_SCHEDULES, f"one of {', '.join(LR_SCHEDULES)}"),
         ("model_options", isinstance(config["model_options"], dict), "a mapping"),
         ("preprocess", isinstance(config["preprocess"], dict), "a mapping"),
     ]
@@ -293,6 +298,15 @@ def beta_at(step: int, total_steps: int, beta: float, warmup: float) -> float:
     if warmup_steps <= 0:
         return beta
     return beta * min(1.0, step / warmup_steps)
+
+
+def lr_at(step: int, total_steps: int, lr: float, schedule: str) -> float:
+    """Learning rate for optimizer step ``step`` (0-based): ``lr`` throughout (constant), or
+    half a cosine from ``lr`` down to 0 at ``total_steps`` (cosine). A function of the step alone,
+    so a resumed run continues the schedule exactly (raising ``epochs`` on resume stretches it)."""
+    if schedule == "constant" or total_steps <= 0:
+        return lr
+    return lr * 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps))
 
 
 class EpochSampler(Sampler[int]):
@@ -535,6 +549,8 @@ class Trainer:
                 f"are kept (try a lower lr)"
             )
         self.optimizer.zero_grad(set_to_none=True)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr_at(self.global_step, self.total_steps, self.config["lr"], self.config["lr_schedule"])
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
         self.scaler.update()
@@ -849,7 +865,33 @@ def _train(env: DistEnv, overrides: dict, data_root: Path, run_dir: Path, resume
         if checkpoint.get("data", {}).get("sha256") != fingerprint["sha256"]:
             log("note: the training files differ in name or size from those the run started with")
     log(_summary(trainer, len(cached_train), len(cached_val)))
-    return fit(trainer, run_dir, fingerprint, log)
+    best = fit(trainer, run_dir, fingerprint, log)
+    if env.is_main and config["calibrate"]:
+        calibrate_run(run_dir, train_cases, val_cases, env.device.type, log)
+    return best
+
+
+def calibrate_run(
+    run_dir: Path, train_cases: list[Case], val_cases: list[Case], device: str = "cpu",
+    log: Callable[[str], None] = print,
+) -> Calibration:
+    """Fit ``best.pt``'s output calibration (templates from the training patients, each modality on
+    or off by its effect on the validation patients, see :mod:`mrisynth.calibration`) and store
+    it in ``best.pt`` and its safetensors export."""
+    from .predict import Synthesizer  # predict imports training's neighbours, not the reverse
+
+    start = time.monotonic()
+    best = run_dir / "best.pt"
+    synthesizer = Synthesizer.from_checkpoint(best, device=device)
+    modalities = list(MODALITIES) if synthesizer.target == "any" else [synthesizer.target]
+    calibration = fit_calibration(synthesizer, modalities, train_cases, val_cases, log)
+    checkpoint = load_checkpoint(best)
+    checkpoint["calibration"] = calibration.to_dict()
+    save_checkpoint(best, checkpoint)
+    export_safetensors(checkpoint, run_dir / "best.safetensors")
+    enabled = ", ".join(calibration.enabled) or "none"
+    log(f"calibration stored in {best} (on for: {enabled}; {time.monotonic() - start:.0f} s)")
+    return calibration
 
 
 def _summary(trainer: Trainer, n_train: int, n_val: int) -> str:
