@@ -238,7 +238,7 @@ def training_summary(run_dir: Path, best: Path, wall_s: float, config: dict) -> 
 
 
 #: settings of a resolved training config that change what a run learns (a model's recipe included)
-RECIPE_KEYS = ("model", "model_options", "target", "lr", "batch_size", "beta", "beta_warmup", "histogram_weight", "mse_weight", "lr_schedule", "crop",
+RECIPE_KEYS = ("model", "model_options", "target", "lr", "batch_size", "beta", "beta_warmup", "histogram_weight", "mse_weight", "lr_schedule", "calibrate", "crop",
                "seed", "preprocess", "slices_per_epoch", "val_fraction", "val_cases")
 
 

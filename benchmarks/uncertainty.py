@@ -2,10 +2,17 @@
 
 With ``mrisynth predict --samples K`` a VAE writes a per-voxel standard deviation beside its
 synthesis. It is only useful if it is high where the synthesis is wrong. For each held-out case:
-K posterior samples of the target, the error |normalised prediction - normalised reference|
-(the normalisation of the brain metrics, mrisynth.metrics.normalise_percentile), and the Spearman
-rank correlation between std and error over the brain voxels (all of them, per case; the figure
-is the mean over cases). One figure shows a std map beside its error map.
+K posterior samples of the target, and the Spearman rank correlation between std and |error|
+over the brain voxels (all of them, per case; the figure is the mean over cases), with the error
+measured two ways:
+
+* ``spearman``: |normalised prediction - normalised reference|, each scaled by its own brain
+  percentiles (mrisynth.metrics.normalise_percentile, as the brain metrics do);
+* ``spearman_output_scale``: |prediction - reference scaled as the model's training targets were|
+  (mrisynth.preprocess.normalise with the checkpoint's settings), i.e. the error in the units the
+  std map is written in, without the whole-volume rescaling of the first.
+
+One figure shows a std map beside its (first) error map.
 
     python benchmarks/uncertainty.py --model RUN/best.pt --cases CASE_DIR [CASE_DIR ...] --target flair
     python benchmarks/uncertainty.py --quality-run /tmp/runs/quality_flair   # the quality benchmark's held-out cases
@@ -27,6 +34,7 @@ from mrisynth.cases import find_case
 from mrisynth.io import load_volume
 from mrisynth.metrics import normalise_percentile
 from mrisynth.predict import Synthesizer
+from mrisynth.preprocess import normalise
 from mrisynth.report import plot_uncertainty
 
 
@@ -39,9 +47,14 @@ def case_correlation(synth: Synthesizer, case_dir: Path, target: str, samples: i
     reference, _ = load_volume(case.modalities[target])
     brain = mask = result.volume > 0  # the inputs' brain: predict writes 0 outside it, sigmoid > 0 inside
     error = np.abs(normalise_percentile(result.volume, mask) - normalise_percentile(reference, mask))
+    config = synth.config
+    reference_model, _ = normalise(reference, mask, config.low_percentile, config.high_percentile, config.median_level)
+    error_output = np.abs(result.volume - reference_model)
     rho = float(spearmanr(result.std[brain], error[brain]).statistic)
-    row = {"case": case.id, "spearman": rho, "voxels": int(brain.sum()), "mean_std": float(result.std[brain].mean()),
-           "mean_error": float(error[brain].mean()), "seconds": round(seconds, 1)}
+    rho_output = float(spearmanr(result.std[brain], error_output[brain]).statistic)
+    row = {"case": case.id, "spearman": rho, "spearman_output_scale": rho_output, "voxels": int(brain.sum()),
+           "mean_std": float(result.std[brain].mean()), "mean_error": float(error[brain].mean()),
+           "calibrated": result.calibrated, "seconds": round(seconds, 1)}
     return row, (result.std, error, result.geometry.affine, mask)
 
 
@@ -76,10 +89,14 @@ def main(argv: list[str] | None = None) -> int:
         row, arrays = case_correlation(synth, case_dir, args.target, args.samples)
         rows.append(row)
         first = first or (row["case"], arrays)
-        print(f"{row['case']}: Spearman {row['spearman']:.3f} over {row['voxels']:,} brain voxels "
+        print(f"{row['case']}: Spearman {row['spearman']:.3f} (output scale {row['spearman_output_scale']:.3f}) over {row['voxels']:,} brain voxels "
               f"(mean std {row['mean_std']:.4f}, mean |error| {row['mean_error']:.4f}, {row['seconds']} s)", flush=True)
-    rhos = [r["spearman"] for r in rows]
-    summary = {"mean": statistics.mean(rhos), "sd": statistics.stdev(rhos) if len(rhos) > 1 else 0.0, "n": len(rhos)}
+    summary = {}
+    for key, name in (("spearman", ""), ("spearman_output_scale", "output_scale_")):
+        rhos = [r[key] for r in rows]
+        summary[f"{name}mean"] = statistics.mean(rhos)
+        summary[f"{name}sd"] = statistics.stdev(rhos) if len(rhos) > 1 else 0.0
+    summary["n"] = len(rows)
     case_id, (std, error, affine, mask) = first
     plot_uncertainty(std, error, args.figure, affine=affine, mask=mask,
                      title=f"{case_id}: {args.target} posterior std ({args.samples} samples) vs |error|, "
@@ -88,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"command: {command_line('benchmarks/uncertainty.py', argv if argv is not None else sys.argv[1:])}")
     print(f"machine: {machine_line(machine_info(args.threads))}; {commit_line(__import__('_common').git_commit())}")
     print(f"model: {args.model}; target {args.target}; {args.samples} posterior samples")
-    print(f"Spearman(std, |error|) over brain voxels: {summary['mean']:.3f} ± {summary['sd']:.3f} (n = {summary['n']} cases)")
+    print(f"Spearman(std, |error|) over brain voxels: {summary['mean']:.3f} ± {summary['sd']:.3f} after percentile scaling, "
+          f"{summary['output_scale_mean']:.3f} ± {summary['output_scale_sd']:.3f} in the output's scale (n = {summary['n']} cases)")
     print(f"figure: {args.figure}")
     if args.out:
         args.out.write_text(json.dumps({"cases": rows, "summary": summary, "target": args.target,
