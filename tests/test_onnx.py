@@ -118,3 +118,23 @@ def test_a_model_whose_graph_only_works_at_the_example_size_is_refused(tmp_path)
     with pytest.raises(DataError, match="does not export to an ONNX graph that works at every slice size"):
         export_onnx(checkpoint, tmp_path / "seed.onnx")
     assert not (tmp_path / "seed.onnx").exists()
+
+
+def test_an_exported_graph_carries_the_checkpoints_calibration(tmp_path):
+    from mrisynth.calibration import LEVELS, Calibration
+
+    plain = Synthesizer.from_checkpoint(tiny_checkpoint(tmp_path / "plain.pt"), device="cpu")
+    template = list(np.linspace(0.0, 0.8, len(LEVELS)) ** 2)
+    calibration = Calibration({"flair": template}, ["flair"])
+    checkpoint = save_checkpoint(tmp_path / "cal.pt", {
+        **checkpoint_metadata(plain.model, "any", PreprocessConfig(min_window=32).to_dict(), calibration=calibration.to_dict()),
+        "state_dict": plain.model.state_dict()})
+    onnx_synth = Synthesizer.from_checkpoint(export_onnx(checkpoint, tmp_path / "cal.onnx"), device="cpu")
+    assert onnx_synth.calibration is not None and onnx_synth.calibration.enabled == ["flair"]
+    case = write_case(tmp_path / "data", modalities=("t1", "t1ce", "t2"), shape=(40, 48, 12))
+    from mrisynth.cases import find_case
+
+    torch_result = Synthesizer.from_checkpoint(checkpoint, device="cpu").predict(find_case(case))
+    onnx_result = onnx_synth.predict(find_case(case))
+    assert onnx_result.calibrated and torch_result.calibrated
+    np.testing.assert_allclose(onnx_result.volume, torch_result.volume, atol=1e-4)
