@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 from safetensors import safe_open
 
+from mrisynth.calibration import LEVELS, Calibration
 from mrisynth.checkpoint import PRETRAINED, load_checkpoint, pretrained_path
 from mrisynth.cli import main
 from mrisynth.io import load_volume
@@ -19,6 +20,20 @@ def test_pretrained_weights_are_safetensors_within_budget_with_metadata():
     checkpoint = load_checkpoint(PRETRAINED)
     assert checkpoint["model"]["name"] == "lite_vae_unet" and checkpoint["target"] == "any"
     assert checkpoint["preprocess"]["median_level"] == 0.25  # trained with the recipe's median scaling
+    calibration = Calibration.from_dict(checkpoint["calibration"])  # fitted as train does: docs/model_card.md
+    assert calibration is not None and calibration.enabled == ["t1ce"] and sorted(calibration.templates) == sorted(MODALITIES)
+
+
+def test_pretrained_t1ce_is_calibrated_and_the_flag_gives_the_raw_output(case_factory, tmp_path):
+    case_dir = case_factory(modalities=("t1", "t2", "flair"))
+    for name, flags in (("cal", []), ("raw", ["--no-calibration"])):
+        assert main(["predict", "--input", str(case_dir), "--output", str(tmp_path / name), "--threads", "1", *flags]) == 0
+    calibrated, _ = load_volume(tmp_path / "cal" / "Case_001_t1ce.nii.gz")
+    raw, _ = load_volume(tmp_path / "raw" / "Case_001_t1ce.nii.gz")
+    brain = raw > 0
+    template = np.asarray(load_checkpoint(PRETRAINED)["calibration"]["templates"]["t1ce"])
+    assert np.allclose(np.percentile(calibrated[brain], LEVELS), template, atol=0.01)
+    assert not np.allclose(np.percentile(raw[brain], LEVELS), template, atol=0.01)
 
 
 @pytest.mark.parametrize("missing", MODALITIES)
