@@ -66,9 +66,22 @@ def test_calibration_round_trips_and_refuses_malformed_data() -> None:
     assert back is not None and back.templates == cal.templates
     assert back.enabled == ["t1ce"]  # flair has no template: never applied
     assert back.applies_to("t1ce") and not back.applies_to("t1")
-    assert Calibration.from_dict(None) is None
-    assert Calibration.from_dict({"levels": 11, "templates": {}}) is None  # another quantile grid
-    assert Calibration.from_dict({"levels": len(LEVELS), "templates": {"t1ce": [0.0, 1.0]}}) is None
+    assert Calibration.from_dict(None) is None  # a checkpoint without one
+    with pytest.raises(ValueError, match="quantile levels"):
+        Calibration.from_dict({"levels": 11, "templates": {}})  # another quantile grid
+    with pytest.raises(ValueError, match="one curve"):
+        Calibration.from_dict({"levels": len(LEVELS), "templates": {"t1ce": [0.0, 1.0]}})
+
+
+def test_a_malformed_calibration_in_a_checkpoint_is_a_one_line_data_error(tmp_path) -> None:
+    from mrisynth.errors import DataError
+
+    path = _checkpoint(tmp_path / "bad.pt", None)
+    checkpoint = load_checkpoint(path)
+    checkpoint["calibration"] = {"levels": len(LEVELS), "templates": {"t1ce": [0.5]}, "enabled": ["t1ce"]}
+    save_checkpoint(path, checkpoint)
+    with pytest.raises(DataError, match="bad.pt: the checkpoint's intensity calibration is malformed"):
+        Synthesizer.from_checkpoint(path, device="cpu")
 
 
 def test_templates_are_the_mean_normalised_brain_curve_of_the_training_cases(tmp_path) -> None:

@@ -56,14 +56,16 @@ class Calibration:
 
     @classmethod
     def from_dict(cls, data: Any) -> "Calibration | None":
-        """The calibration stored in a checkpoint; None when there is none or it is malformed."""
-        if not isinstance(data, dict) or data.get("levels") != len(LEVELS):
+        """The calibration stored in a checkpoint (None when it has none); ValueError when malformed."""
+        if data is None:
             return None
+        if not isinstance(data, dict) or data.get("levels") != len(LEVELS):
+            raise ValueError(f"expected a calibration on {len(LEVELS)} quantile levels")
         templates = data.get("templates")
         if not isinstance(templates, dict) or not all(
             m in MODALITIES and isinstance(c, list) and len(c) == len(LEVELS) for m, c in templates.items()
         ):
-            return None
+            raise ValueError(f"expected one curve of {len(LEVELS)} values per modality in the calibration")
         enabled = [m for m in data.get("enabled") or [] if m in templates]
         return cls({m: [float(v) for v in c] for m, c in templates.items()}, enabled, dict(data.get("validation") or {}))
 

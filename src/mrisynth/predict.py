@@ -130,7 +130,11 @@ class Synthesizer:
         config = PreprocessConfig.from_dict(metadata["preprocess"])
         for problem in config.problems():
             raise DataError(f"{path}: the checkpoint's preprocessing setting {problem}")
-        return cls(model, target, config, torch_device, Calibration.from_dict(metadata.get("calibration")))
+        try:
+            calibration = Calibration.from_dict(metadata.get("calibration"))
+        except (ValueError, TypeError) as exc:
+            raise DataError(f"{path}: the checkpoint's intensity calibration is malformed ({exc})") from None
+        return cls(model, target, config, torch_device, calibration)
 
     def check_samples(self, samples: int) -> None:
         """Posterior samples need the torch model (the ONNX graph is the deterministic synthesis)."""

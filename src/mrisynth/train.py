@@ -52,6 +52,7 @@ from .errors import DataError, MrisynthError, UsageError
 from .modalities import MODALITIES
 from .models import build_model, kl_divergence
 from .models.blocks import count_parameters
+from .predict import Synthesizer
 from .preprocess import PreprocessConfig
 
 #: settings that ``--resume`` takes from the command line; every other one comes from the run's config
@@ -878,8 +879,6 @@ def calibrate_run(
     """Fit ``best.pt``'s output calibration (templates from the training patients, each modality on
     or off by its effect on the validation patients, see :mod:`mrisynth.calibration`) and store
     it in ``best.pt`` and its safetensors export."""
-    from .predict import Synthesizer  # predict imports training's neighbours, not the reverse
-
     start = time.monotonic()
     best = run_dir / "best.pt"
     synthesizer = Synthesizer.from_checkpoint(best, device=device)
