@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         checkpoint = Path(path)
         split = json.loads((checkpoint.parent / "splits.json").read_text())
         synth = Synthesizer.from_checkpoint(checkpoint, device="cpu", threads=args.threads)
-        modalities = list(MODALITIES) if synth.target == "any" else [synth.target]
+        modalities = synth.modalities  # all four for an any-target model
         start = time.perf_counter()
         calibration = fit_calibration(
             synth, modalities, cases_of_split(train_cases, split["train"], "training split"),

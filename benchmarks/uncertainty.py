@@ -34,7 +34,7 @@ from mrisynth.cases import find_case
 from mrisynth.io import load_volume
 from mrisynth.metrics import normalise_percentile
 from mrisynth.predict import Synthesizer
-from mrisynth.preprocess import normalise
+from mrisynth.preprocess import normalise_with
 from mrisynth.report import plot_uncertainty
 
 
@@ -47,8 +47,7 @@ def case_correlation(synth: Synthesizer, case_dir: Path, target: str, samples: i
     reference, _ = load_volume(case.modalities[target])
     brain = mask = result.volume > 0  # the inputs' brain: predict writes 0 outside it, sigmoid > 0 inside
     error = np.abs(normalise_percentile(result.volume, mask) - normalise_percentile(reference, mask))
-    config = synth.config
-    reference_model, _ = normalise(reference, mask, config.low_percentile, config.high_percentile, config.median_level)
+    reference_model, _ = normalise_with(reference, mask, synth.config)
     error_output = np.abs(result.volume - reference_model)
     rho = float(spearmanr(result.std[brain], error[brain]).statistic)
     rho_output = float(spearmanr(result.std[brain], error_output[brain]).statistic)

@@ -32,7 +32,7 @@ from .cases import Case
 from .io import read_images
 from .metrics import brain_errors, normalise_percentile
 from .modalities import MODALITIES
-from .preprocess import PreprocessConfig, brain_mask, normalise
+from .preprocess import PreprocessConfig, brain_mask, normalise_with
 
 #: the brain quantiles (percent) that define a curve: every half percent
 LEVELS = np.linspace(0.0, 100.0, 201)
@@ -119,23 +119,26 @@ def templates_for(cases: list[Case], modalities: list[str], config: PreprocessCo
         volumes, _ = read_images({m: case.modalities[m] for m in MODALITIES})
         for modality in modalities:
             mask = brain_mask([volumes[m] for m in MODALITIES if m != modality])
-            values, _ = normalise(volumes[modality], mask, config.low_percentile, config.high_percentile, config.median_level)
+            values, _ = normalise_with(volumes[modality], mask, config)
             curves[modality].append(brain_quantiles(values[mask]))
     return {m: [round(float(v), 6) for v in np.mean(curves[m], axis=0)] for m in modalities}
 
 
-def validation_psnr(synthesizer: Any, cases: list[Case], modality: str, template: list[float]) -> tuple[float, float]:
-    """Mean brain PSNR (the benchmark's measure) of the raw and the calibrated syntheses of ``cases``."""
-    raw, calibrated = [], []
+def validation_psnr(synthesizer: Any, cases: list[Case], templates: dict[str, list[float]]) -> dict[str, tuple[float, float]]:
+    """Per modality, the mean brain PSNR (the benchmark's measure) of the raw and the calibrated
+    syntheses of ``cases``. Each case's four sequences are read once for all modalities."""
+    scores: dict[str, list[tuple[float, float]]] = {m: [] for m in templates}
     for case in cases:
-        result = synthesizer.predict(case, missing=modality, calibrated=False)
         volumes, _ = read_images({m: case.modalities[m] for m in MODALITIES})
-        mask = brain_mask([volumes[m] for m in MODALITIES if m != modality])
-        ref_n = normalise_percentile(volumes[modality], mask)
-        mapped, _ = calibrate(result.volume, mask, template)
-        for volume, scores in ((result.volume, raw), (mapped, calibrated)):
-            scores.append(brain_errors(ref_n, normalise_percentile(volume, mask), mask)["psnr"])
-    return float(np.mean(raw)), float(np.mean(calibrated))
+        for modality, template in templates.items():
+            result = synthesizer.predict(case, missing=modality, calibrated=False)
+            mask = brain_mask([volumes[m] for m in MODALITIES if m != modality])
+            ref_n = normalise_percentile(volumes[modality], mask)
+            mapped, _ = calibrate(result.volume, mask, template)
+            scores[modality].append(tuple(  # type: ignore[arg-type]
+                brain_errors(ref_n, normalise_percentile(volume, mask), mask)["psnr"] for volume in (result.volume, mapped)
+            ))
+    return {m: (float(np.mean([r for r, _ in rows])), float(np.mean([c for _, c in rows]))) for m, rows in scores.items()}
 
 
 def fit_calibration(
@@ -148,11 +151,9 @@ def fit_calibration(
     """Templates from ``train_cases``; each modality enabled iff it raised the mean brain PSNR of
     ``val_cases`` (none is enabled without validation cases)."""
     calibration = Calibration(templates=templates_for(train_cases, modalities, synthesizer.config))
-    for modality in modalities:
-        template = calibration.templates[modality]
-        if not val_cases:
-            continue
-        raw, calibrated = validation_psnr(synthesizer, val_cases, modality, template)
+    if not val_cases:
+        return calibration
+    for modality, (raw, calibrated) in validation_psnr(synthesizer, val_cases, calibration.templates).items():
         use = calibrated > raw
         calibration.validation[modality] = {"psnr_raw": round(raw, 3), "psnr_calibrated": round(calibrated, 3),
                                             "cases": len(val_cases)}

@@ -136,6 +136,11 @@ class Synthesizer:
             raise DataError(f"{path}: the checkpoint's intensity calibration is malformed ({exc})") from None
         return cls(model, target, config, torch_device, calibration)
 
+    @property
+    def modalities(self) -> list[str]:
+        """The modalities this model can synthesize: all four for an "any" model, else its target."""
+        return list(MODALITIES) if self.target == "any" else [self.target]
+
     def check_samples(self, samples: int) -> None:
         """Posterior samples need the torch model (the ONNX graph is the deterministic synthesis)."""
         if samples >= 2 and not isinstance(self.model, torch.nn.Module):

@@ -103,6 +103,12 @@ def normalise(
     return out, (lo, hi)
 
 
+def normalise_with(volume: np.ndarray, mask: np.ndarray, config: PreprocessConfig) -> tuple[np.ndarray, tuple[float, float]]:
+    """:func:`normalise` with a checkpoint's settings: a volume scaled exactly as the model's inputs
+    and training targets were."""
+    return normalise(volume, mask, config.low_percentile, config.high_percentile, config.median_level)
+
+
 @dataclass
 class Layout:
     """How an input volume becomes [slices, H, W] network input, and how to go back exactly."""
@@ -222,6 +228,6 @@ def prepare(
     slices = np.zeros((len(MODALITIES), z, h, w), dtype=np.float32)
     percentiles = {}
     for m in available:
-        normalised, percentiles[m] = normalise(volumes[m], mask, config.low_percentile, config.high_percentile, config.median_level)
+        normalised, percentiles[m] = normalise_with(volumes[m], mask, config)
         slices[MODALITIES.index(m)] = layout.to_slices(normalised)
     return PreparedCase(slices=slices, mask=slice_mask, available=available, layout=layout, percentiles=percentiles)

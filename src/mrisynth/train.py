@@ -49,7 +49,6 @@ from .checkpoint import checkpoint_metadata, export_safetensors, load_checkpoint
 from .dataset import SliceDataset, assemble_input, check_target_mode, in_channels_for
 from .distributed import DEVICE_CHOICES, DistEnv
 from .errors import DataError, MrisynthError, UsageError
-from .modalities import MODALITIES
 from .models import build_model, kl_divergence
 from .models.blocks import count_parameters
 from .predict import Synthesizer
@@ -882,8 +881,7 @@ def calibrate_run(
     start = time.monotonic()
     best = run_dir / "best.pt"
     synthesizer = Synthesizer.from_checkpoint(best, device=device)
-    modalities = list(MODALITIES) if synthesizer.target == "any" else [synthesizer.target]
-    calibration = fit_calibration(synthesizer, modalities, train_cases, val_cases, log)
+    calibration = fit_calibration(synthesizer, synthesizer.modalities, train_cases, val_cases, log)
     checkpoint = load_checkpoint(best)
     checkpoint["calibration"] = calibration.to_dict()
     save_checkpoint(best, checkpoint)
