@@ -16,8 +16,8 @@ from mrisynth.cli import main
 from mrisynth.dataset import in_channels_for
 from mrisynth.errors import DataError, UsageError
 from mrisynth.models import build_model
-from mrisynth.predict import Synthesizer, output_path, predict_folder
-from mrisynth.preprocess import PreprocessConfig, brain_mask
+from mrisynth.predict import AUGMENTATIONS, Synthesizer, augment, output_path, predict_folder, unaugment
+from mrisynth.preprocess import PreprocessConfig, brain_mask, prepare
 
 SHAPE = (48, 56, 20)  # not 160, not square: the window is 48x64 with min_window=32
 THREE = ("t1", "t1ce", "t2")
@@ -190,6 +190,54 @@ def test_predictive_std_adds_the_predicted_laplace_variance_to_the_spread_of_the
     log_b = torch.full_like(means, math.log(0.1))
     with_scale = predictive_std(torch.cat([means, log_b], dim=2))
     assert torch.allclose(with_scale, torch.full((1, 2, 2), math.sqrt(0.04 + 2 * 0.01)))
+
+
+class _PixelwiseModel(torch.nn.Module):
+    """Output = a per-pixel function of the input: mirroring or moving the slice cannot change it."""
+
+    def forward(self, x: torch.Tensor, sample: bool = False):
+        return torch.sigmoid(x[:, :1] * 3.0 - 1.0), None, None
+
+
+class _PositionModel(_PixelwiseModel):
+    """Output depends on where a pixel sits in the slice (a left-to-right ramp)."""
+
+    def forward(self, x: torch.Tensor, sample: bool = False):
+        ramp = torch.linspace(0.0, 0.5, x.shape[-2]).view(1, 1, -1, 1)
+        return torch.sigmoid(x[:, :1] * 3.0 - 1.0 + ramp), None, None
+
+
+@pytest.mark.parametrize("k", range(len(AUGMENTATIONS)))
+def test_every_test_time_augmentation_is_undone_exactly(k) -> None:
+    flip, shift = AUGMENTATIONS[k]
+    x = torch.rand(2, 3, 16, 24)
+    back = unaugment(augment(x, flip, shift), flip, shift)
+    assert torch.equal(back, x)
+    assert k == 0 or not torch.equal(augment(x, flip, shift), x)  # only the first draw sees the slice as is
+
+
+def test_the_flip_mirrors_left_right() -> None:
+    """Slices are [..., H, W] with H along LPS x (left-right): the flip must reverse that axis,
+    not front-back (a brain mirrored front-back is nothing the network has seen)."""
+    volume = np.broadcast_to(np.arange(40, dtype=np.float32)[:, None, None], (40, 48, 8)).copy()  # value = x index
+    mask = np.ones(volume.shape, dtype=bool)
+    layout = prepare({"t1": volume}, BRATS_AFFINE, PreprocessConfig(min_window=32), mask).layout
+    slices = torch.from_numpy(layout.to_slices(volume))  # [Z, H, W]
+    flipped = augment(slices, True, (0, 0))
+    assert not torch.equal(slices[:, :, 0], slices[:, :, 0].flip(-1))  # the ramp runs along H
+    assert torch.equal(flipped[:, :, 0], slices[:, :, 0].flip(-1))  # ... and the flip reverses it
+
+
+def test_augmented_draws_agree_for_a_pixelwise_model_and_differ_where_position_matters(case_factory, any_model) -> None:
+    case = find_case(three_inputs(case_factory))
+    config, device = any_model.config, any_model.device
+    pixelwise = Synthesizer(_PixelwiseModel(), "any", config, device)
+    single = pixelwise.predict(case).volume
+    sampled = pixelwise.predict(case, samples=8)
+    np.testing.assert_allclose(sampled.volume, single, atol=1e-6)  # every augmentation undone exactly
+    assert np.abs(sampled.std).max() < 1e-6
+    positional = Synthesizer(_PositionModel(), "any", config, device).predict(case, samples=8)
+    assert np.median(positional.std[positional.volume > 0]) > 1e-3
 
 
 # --- folder mode ---------------------------------------------------------------------------

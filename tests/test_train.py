@@ -464,13 +464,13 @@ def test_a_loss_weight_adds_its_term_only_when_set(setting, owner, term, data_ro
 
 
 def test_resuming_a_run_saved_before_a_setting_existed_keeps_that_settings_default() -> None:
-    """An old lite_vae_unet run lacks preprocess.median_level and predict_scale: resuming it must not
-    pick them up from today's recipe (that would change its preprocessing and its architecture)."""
+    """An old lite_vae_unet run lacks preprocess.median_level: resuming it must not pick it up from
+    today's recipe (that would change its preprocessing)."""
     from mrisynth.train import resolve_config, resume_config
 
     saved = resolve_config({"model": "lite_vae_unet"})
-    del saved["preprocess"]["median_level"], saved["model_options"]["predict_scale"], saved["histogram_weight"]
+    del saved["preprocess"]["median_level"], saved["histogram_weight"]
     resumed = resume_config(saved, {"epochs": 3}, log=lambda _: None)
-    assert resumed["preprocess"]["median_level"] == 0 and "predict_scale" not in resumed["model_options"]
+    assert resumed["preprocess"]["median_level"] == 0
     assert resumed["histogram_weight"] == 0 and resumed["epochs"] == 3
     assert resolve_config({"model": "lite_vae_unet"})["preprocess"]["median_level"] == 0.25  # a new run gets the recipe

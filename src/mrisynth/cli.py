@@ -97,7 +97,7 @@ def add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--input", required=True, type=Path, help="a case folder or a root of case folders")
     p.add_argument("--output", required=True, type=Path, help="folder for the outputs (written flat, named like the inputs)")
     p.add_argument("--missing", default="auto", help="auto (the one absent modality), t1, t1ce, t2 or flair (t1n, t1c, t2w, t2f accepted)")
-    p.add_argument("--samples", type=int, default=1, help="1: plain prediction; K>=2: mean of K posterior samples plus a _std map")
+    p.add_argument("--samples", type=int, default=1, help="1: plain prediction; K>=2: mean of K posterior samples (each with the slices mirrored and/or moved by a pixel) plus their _std map")
     p.add_argument("--batch-size", type=int, default=16, help="axial slices per network pass (default 16)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
