@@ -305,7 +305,7 @@ class Synthesizer:
 #: with |error| 0.25 on FLAIR, validation patients of the benchmark split); draws that also see
 #: the slice mirrored and moved by a pixel (the network is not exactly shift-equivariant: its
 #: stride-2 steps see another phase) disagree where the output hinges on exact position, i.e. at
-#: edges and in the lesion, and their spread ranks the error better (0.38; docs/benchmarks.md,
+#: edges and in the lesion, and their spread ranks the error better (0.36; docs/benchmarks.md,
 #: section 7). Flips and 1-pixel rolls are exactly invertible, so a pixelwise model's draws agree.
 AUGMENTATIONS: tuple[tuple[bool, tuple[int, int]], ...] = (
     (False, (0, 0)), (True, (0, 0)), (False, (1, 0)), (False, (-1, 0)),
