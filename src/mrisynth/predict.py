@@ -25,7 +25,7 @@ from .dataset import assemble_input, check_target_mode, in_channels_for
 from .errors import DataError, MrisynthError, UsageError
 from .io import Geometry, OutputExistsError, check_same_grid, geometry_of, load_volume, open_nifti, read_images, write_volume
 from .modalities import MODALITIES, canonical
-from .preprocess import PreparedCase, PreprocessConfig, brain_mask, prepare
+from .preprocess import LEFT_RIGHT_AXIS, PreparedCase, PreprocessConfig, brain_mask, prepare
 
 
 @dataclass
@@ -311,13 +311,12 @@ AUGMENTATIONS: tuple[tuple[bool, tuple[int, int]], ...] = (
     (False, (0, 0)), (True, (0, 0)), (False, (1, 0)), (False, (-1, 0)),
     (False, (0, 1)), (False, (0, -1)), (True, (1, 1)), (True, (-1, -1)),
 )
-LR_AXIS = -2  # slices are [..., H, W] with H along the LPS x axis, i.e. left-right
 
 
 def augment(x: torch.Tensor, flip: bool, shift: tuple[int, int]) -> torch.Tensor:
     """Slices ``[..., H, W]`` mirrored left-right (when ``flip``), then rolled by ``shift``."""
     if flip:
-        x = x.flip(LR_AXIS)
+        x = x.flip(LEFT_RIGHT_AXIS)
     return torch.roll(x, shift, dims=(-2, -1)) if any(shift) else x
 
 
@@ -325,7 +324,7 @@ def unaugment(x: torch.Tensor, flip: bool, shift: tuple[int, int]) -> torch.Tens
     """The exact inverse of :func:`augment`."""
     if any(shift):
         x = torch.roll(x, (-shift[0], -shift[1]), dims=(-2, -1))
-    return x.flip(LR_AXIS) if flip else x
+    return x.flip(LEFT_RIGHT_AXIS) if flip else x
 
 
 def predictive_std(outputs: torch.Tensor) -> torch.Tensor:

@@ -109,6 +109,10 @@ def normalise_with(volume: np.ndarray, mask: np.ndarray, config: PreprocessConfi
     return normalise(volume, mask, config.low_percentile, config.high_percentile, config.median_level)
 
 
+#: In the network's slices [..., H, W] (``Layout.to_slices``), H runs along LPS x: left-right.
+LEFT_RIGHT_AXIS = -2
+
+
 @dataclass
 class Layout:
     """How an input volume becomes [slices, H, W] network input, and how to go back exactly."""
