@@ -87,7 +87,7 @@ def test_default_config_is_the_seed_recipe() -> None:
     expected = {"model": "vae_unet", "target": "flair", "beta": 1e-4, "beta_warmup": 0.5, "lr": 1e-4,
                 "batch_size": 4, "epochs": 10, "crop": 160, "seed": 0, "slices_per_epoch": None,
                 "max_minutes": None, "num_workers": 0, "deterministic": False, "histogram_weight": 0.0,
-                "mse_weight": 0.0, "lr_schedule": "constant", "calibrate": False}
+                "mse_weight": 0.0, "ssim_weight": 0.0, "lr_schedule": "constant", "calibrate": False}
     assert {k: config[k] for k in expected} == expected
     assert config["preprocess"] == {"low_percentile": 1.0, "high_percentile": 99.0, "min_window": 160, "multiple": 16,
                                     "median_level": 0.0}
@@ -448,8 +448,24 @@ def test_histogram_l1_compares_intensity_distributions_not_positions() -> None:
     assert float(histogram_l1(compressed, target)) > 0.1
 
 
+def test_ssim_loss_is_zero_for_a_match_and_penalises_lost_edges_more_than_l1_does() -> None:
+    from mrisynth.train import ssim_loss
+
+    rows, cols = torch.meshgrid(torch.arange(32), torch.arange(32), indexing="ij")
+    target = (((rows // 8 + cols // 8) % 2) * 0.8).float().expand(2, 1, 32, 32)  # 8-pixel checkerboard
+    assert float(ssim_loss(target, target)) == pytest.approx(0.0, abs=1e-6)
+    blurred = F.avg_pool2d(target, 3, stride=1, padding=1, count_include_pad=False)  # edges softened
+    brighter = target + 0.1  # same structure, a constant offset
+    assert float(F.l1_loss(blurred, target)) < float(F.l1_loss(brighter, target))  # L1 prefers the blur ...
+    assert float(ssim_loss(blurred, target)) > float(ssim_loss(brighter, target))  # ... SSIM the structure
+    pred = blurred.clone().requires_grad_(True)
+    ssim_loss(pred, target).backward()
+    assert pred.grad is not None and float(pred.grad.abs().sum()) > 0
+
+
 @pytest.mark.parametrize("setting, owner, term", [("histogram_weight", train_mod, "histogram_l1"),
-                                                   ("mse_weight", train_mod.F, "mse_loss")])
+                                                   ("mse_weight", train_mod.F, "mse_loss"),
+                                                   ("ssim_weight", train_mod, "ssim_loss")])
 def test_a_loss_weight_adds_its_term_only_when_set(setting, owner, term, data_root: Path, tmp_path: Path, monkeypatch) -> None:
     calls = []
     real = getattr(owner, term)

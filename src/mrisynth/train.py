@@ -59,7 +59,7 @@ RESUME_OVERRIDABLE = ("epochs", "max_minutes", "device", "num_workers")
 
 LR_SCHEDULES = ("constant", "cosine")
 _INT_KEYS = ("batch_size", "epochs", "crop", "seed", "num_workers", "val_cases", "val_slices", "slices_per_epoch")
-_FLOAT_KEYS = ("beta", "beta_warmup", "histogram_weight", "mse_weight", "lr", "val_fraction", "max_minutes")
+_FLOAT_KEYS = ("beta", "beta_warmup", "histogram_weight", "mse_weight", "ssim_weight", "lr", "val_fraction", "max_minutes")
 _OPTIONAL_KEYS = ("val_cases", "val_slices", "slices_per_epoch", "max_minutes")
 _SECTION_KEYS = ("model_options", "preprocess")
 _METRICS_COLUMNS = (
@@ -177,6 +177,7 @@ def _check_ranges(config: dict) -> None:
         ("beta", config["beta"] >= 0, "0 or more"),
         ("histogram_weight", config["histogram_weight"] >= 0, "0 or more"),
         ("mse_weight", config["mse_weight"] >= 0, "0 or more"),
+        ("ssim_weight", config["ssim_weight"] >= 0, "0 or more"),
         ("beta_warmup", 0 <= config["beta_warmup"] <= 1, "between 0 and 1"),
         ("val_fraction", 0 < config["val_fraction"] < 1, "between 0 and 1"),
         ("crop", config["crop"] >= 16 and config["crop"] % 16 == 0, "a positive multiple of 16"),
@@ -381,6 +382,16 @@ def histogram_l1(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.l1_loss(pred_sorted, target_sorted)
 
 
+def ssim_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """1 - SSIM (torchmetrics' 2D SSIM, data range 1, averaged over the batch's slices).
+
+    Why: L1 and squared error score each voxel alone, so a blurred border costs little where the
+    intensities are near; SSIM compares local means, contrasts and structure, so it asks for edges
+    and texture where the target has them (Zhao et al. 2017, "Loss functions for image restoration").
+    """
+    return 1 - structural_similarity_index_measure(pred.float(), target.float(), data_range=1.0)
+
+
 def laplace_nll(mean: torch.Tensor, log_scale: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Laplace negative log-likelihood of ``target`` (up to log 2) for a predicted log scale.
 
@@ -539,6 +550,8 @@ class Trainer:
             loss = loss + self.config["mse_weight"] * F.mse_loss(pred[:, :1].float(), target.float())
         if self.config["histogram_weight"] > 0:
             loss = loss + self.config["histogram_weight"] * histogram_l1(pred[:, :1], target)
+        if self.config["ssim_weight"] > 0:
+            loss = loss + self.config["ssim_weight"] * ssim_loss(pred[:, :1], target)
         if pred.shape[1] == 2:  # a scale-predicting model (predict_scale): channel 1 is log b
             loss = loss + laplace_nll(pred[:, :1], pred[:, 1:], target)
         l1_value, kl_value = torch.stack([l1.detach(), kl.detach()]).tolist()
