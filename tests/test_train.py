@@ -18,6 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from torchmetrics.functional.image import structural_similarity_index_measure
 
 import mrisynth.train as train_mod
 from conftest import write_case
@@ -458,6 +459,8 @@ def test_ssim_loss_is_zero_for_a_match_and_penalises_lost_edges_more_than_l1_doe
     brighter = target + 0.1  # same structure, a constant offset
     assert float(F.l1_loss(blurred, target)) < float(F.l1_loss(brighter, target))  # L1 prefers the blur ...
     assert float(ssim_loss(blurred, target)) > float(ssim_loss(brighter, target))  # ... SSIM the structure
+    reference = 1 - structural_similarity_index_measure(blurred, target, data_range=1.0)  # torchmetrics pads the border
+    assert float(ssim_loss(blurred, target)) == pytest.approx(float(reference), abs=0.02)
     pred = blurred.clone().requires_grad_(True)
     ssim_loss(pred, target).backward()
     assert pred.grad is not None and float(pred.grad.abs().sum()) > 0

@@ -382,14 +382,33 @@ def histogram_l1(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.l1_loss(pred_sorted, target_sorted)
 
 
+def _gaussian_window(size: int = 11, sigma: float = 1.5) -> torch.Tensor:
+    offsets = torch.arange(size, dtype=torch.float32) - (size - 1) / 2
+    window = torch.exp(-offsets**2 / (2 * sigma**2))
+    return window / window.sum()
+
+
 def ssim_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """1 - SSIM (torchmetrics' 2D SSIM, data range 1, averaged over the batch's slices).
+    """1 - SSIM of [B, 1, H, W] slices (Wang et al. 2004: 11-tap Gaussian, sigma 1.5, data range 1,
+    valid windows only), averaged over all windows of the batch.
 
     Why: L1 and squared error score each voxel alone, so a blurred border costs little where the
     intensities are near; SSIM compares local means, contrasts and structure, so it asks for edges
     and texture where the target has them (Zhao et al. 2017, "Loss functions for image restoration").
+    The Gaussian is applied as two 1-D passes: torchmetrics' 2-D window made a CPU training step
+    of lite_vae_unet 3.4x slower (batch 8, crop 160); this costs a few percent.
     """
-    return 1 - structural_similarity_index_measure(pred.float(), target.float(), data_range=1.0)
+    c1, c2 = 0.01**2, 0.03**2
+    pred, target = pred.float(), target.float()
+    window = _gaussian_window().to(pred.device)
+    maps = torch.cat([pred, target, pred * pred, target * target, pred * target], dim=1)
+    n = maps.shape[1]
+    maps = F.conv2d(maps, window.view(1, 1, 1, -1).expand(n, 1, 1, -1), groups=n)
+    maps = F.conv2d(maps, window.view(1, 1, -1, 1).expand(n, 1, -1, 1), groups=n)
+    mu_p, mu_t, pp, tt, pt = maps.split(1, dim=1)
+    var_p, var_t, cov = pp - mu_p**2, tt - mu_t**2, pt - mu_p * mu_t
+    ssim = ((2 * mu_p * mu_t + c1) * (2 * cov + c2)) / ((mu_p**2 + mu_t**2 + c1) * (var_p + var_t + c2))
+    return 1 - ssim.mean()
 
 
 def laplace_nll(mean: torch.Tensor, log_scale: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
