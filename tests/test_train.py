@@ -88,7 +88,8 @@ def test_default_config_is_the_seed_recipe() -> None:
     expected = {"model": "vae_unet", "target": "flair", "beta": 1e-4, "beta_warmup": 0.5, "lr": 1e-4,
                 "batch_size": 4, "epochs": 10, "crop": 160, "seed": 0, "slices_per_epoch": None,
                 "max_minutes": None, "num_workers": 0, "deterministic": False, "histogram_weight": 0.0,
-                "mse_weight": 0.0, "ssim_weight": 0.0, "lr_schedule": "constant", "calibrate": False}
+                "mse_weight": 0.0, "ssim_weight": 0.0, "lr_schedule": "constant", "calibrate": False,
+                "ema_decay": 0.0}
     assert {k: config[k] for k in expected} == expected
     assert config["preprocess"] == {"low_percentile": 1.0, "high_percentile": 99.0, "min_window": 160, "multiple": 16,
                                     "median_level": 0.0}
@@ -112,6 +113,7 @@ def test_config_file_then_flags_override_defaults(tmp_path: Path) -> None:
         ({"target": "bogus"}, "unknown modality 'bogus'"),
         ({"crop": 40}, "crop: expected a positive multiple of 16"),
         ({"epochs": 0}, "epochs: expected at least 1"),
+        ({"ema_decay": 1}, "ema_decay: expected 0 (off) or more, below 1"),
         ({"batch_size": 2.5}, "batch_size: expected an integer"),
         ({"preprocess": {"window": 3}}, "unknown preprocess setting(s) window"),
         ({"crop": 176}, "larger than preprocess.min_window"),
@@ -252,8 +254,11 @@ def test_training_writes_a_complete_run_folder(data_root: Path, tmp_path: Path, 
     assert exported["config"]["crop"] == 32
 
 
-def test_resume_is_bit_identical_to_an_uninterrupted_run(data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    config = tiny(epochs=4)
+@pytest.mark.parametrize("ema_decay", [0.0, 0.9])
+def test_resume_is_bit_identical_to_an_uninterrupted_run(
+    data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ema_decay: float
+) -> None:
+    config = tiny(epochs=4, ema_decay=ema_decay)
     train(config, data_root, tmp_path / "whole")
     whole = load_pt(tmp_path / "whole" / "last.pt")
 
@@ -274,13 +279,37 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(data_root: Path, tmp_pa
     assert_same_weights(load_pt(tmp_path / "killed" / "last.pt")["state_dict"], whole["state_dict"])
 
     # out of time after the first step, mid-epoch, then resumed without a budget
-    train(tiny(epochs=4, max_minutes=0), data_root, tmp_path / "budget")
+    train(tiny(epochs=4, max_minutes=0, ema_decay=ema_decay), data_root, tmp_path / "budget")
     stopped = load_pt(tmp_path / "budget" / "last.pt")["train_state"]
     assert (stopped["epoch"], stopped["batch_in_epoch"], stopped["global_step"]) == (0, 1, 1)
     train({"max_minutes": None}, data_root, tmp_path / "budget", resume=True)
     resumed = load_pt(tmp_path / "budget" / "last.pt")
     assert resumed["train_state"]["global_step"] == whole["train_state"]["global_step"] == 8
     assert_same_weights(resumed["state_dict"], whole["state_dict"])
+    if ema_decay:  # the trained weights behind the average resume exactly too
+        assert_same_weights(resumed["train_state"]["net"], whole["train_state"]["net"])
+
+
+def test_weight_average_decay_and_update() -> None:
+    assert train_mod.ema_decay_at(0, 0.999) == pytest.approx(0.1)  # early steps: mostly the current weights
+    assert train_mod.ema_decay_at(10**6, 0.999) == 0.999
+    average, net = torch.nn.Linear(2, 1), torch.nn.Linear(2, 1)
+    average.register_buffer("count", torch.tensor(1))
+    net.register_buffer("count", torch.tensor(7))
+    before = average.weight.detach().clone()
+    train_mod.update_average(average, net, 0.75)
+    assert torch.allclose(average.weight, 0.75 * before + 0.25 * net.weight)
+    assert average.count.item() == 7  # integer buffers are copied, not averaged
+
+
+def test_weight_average_is_validated_and_saved_without_changing_training(data_root: Path, tmp_path: Path) -> None:
+    train(tiny(), data_root, tmp_path / "plain")
+    train(tiny(ema_decay=0.9), data_root, tmp_path / "ema")
+    plain, ema = load_pt(tmp_path / "plain" / "last.pt"), load_pt(tmp_path / "ema" / "last.pt")
+    assert plain["train_state"]["net"] is None
+    assert_same_weights(ema["train_state"]["net"], plain["state_dict"])  # the average never feeds back
+    assert any(not torch.equal(ema["state_dict"][k], plain["state_dict"][k]) for k in plain["state_dict"])
+    assert ema["metrics"]["val_l1"] != plain["metrics"]["val_l1"]  # validation scored the average
 
 
 def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(

@@ -7,6 +7,8 @@ A run folder holds everything about one training run:
 * ``metrics.csv``: one row per epoch (or per partial epoch, see ``max_minutes``);
 * ``last.pt`` (+ ``last.prev.pt``, the one before), ``best.pt`` (lowest validation L1) and its
   export ``best.safetensors`` + ``best.json``. Checkpoints hold tensors and plain types only.
+  With ``ema_decay`` > 0 their ``state_dict`` is the moving average of the weights (what is
+  validated and synthesized with); the trained weights behind it travel in ``train_state`` for resume.
 
 ``max_minutes`` stops at the first optimizer-step boundary after the budget (counted from the start
 of each invocation), then validates and checkpoints; ``--resume`` continues inside that epoch at the
@@ -60,7 +62,7 @@ RESUME_OVERRIDABLE = ("epochs", "max_minutes", "device", "num_workers")
 
 LR_SCHEDULES = ("constant", "cosine")
 _INT_KEYS = ("batch_size", "epochs", "crop", "seed", "num_workers", "val_cases", "val_slices", "slices_per_epoch")
-_FLOAT_KEYS = ("beta", "beta_warmup", "histogram_weight", "mse_weight", "ssim_weight", "lr", "val_fraction", "max_minutes")
+_FLOAT_KEYS = ("beta", "beta_warmup", "histogram_weight", "mse_weight", "ssim_weight", "ema_decay", "lr", "val_fraction", "max_minutes")
 _OPTIONAL_KEYS = ("val_cases", "val_slices", "slices_per_epoch", "max_minutes")
 _SECTION_KEYS = ("model_options", "preprocess")
 _METRICS_COLUMNS = (
@@ -179,6 +181,7 @@ def _check_ranges(config: dict) -> None:
         ("histogram_weight", config["histogram_weight"] >= 0, "0 or more"),
         ("mse_weight", config["mse_weight"] >= 0, "0 or more"),
         ("ssim_weight", config["ssim_weight"] >= 0, "0 or more"),
+        ("ema_decay", 0 <= config["ema_decay"] < 1, "0 (off) or more, below 1"),
         ("beta_warmup", 0 <= config["beta_warmup"] <= 1, "between 0 and 1"),
         ("val_fraction", 0 < config["val_fraction"] < 1, "between 0 and 1"),
         ("crop", config["crop"] >= 16 and config["crop"] % 16 == 0, "a positive multiple of 16"),
@@ -309,6 +312,33 @@ def lr_at(step: int, total_steps: int, lr: float, schedule: str) -> float:
     if schedule == "constant" or total_steps <= 0:
         return lr
     return lr * 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps))
+
+
+def ema_decay_at(step: int, decay: float) -> float:
+    """Averaging decay after optimizer step ``step`` (0-based): ``decay``, capped by (1 + step) / (10 + step)
+    early on so the average is not dominated by the random initial weights for thousands of steps."""
+    return min(decay, (1 + step) / (10 + step))
+
+
+def averaged_copy(net: torch.nn.Module) -> torch.nn.Module:
+    """A frozen copy of ``net`` to hold the moving average of its weights."""
+    average = copy.deepcopy(net).eval()
+    average.requires_grad_(False)
+    return average
+
+
+@torch.no_grad()
+def update_average(average: torch.nn.Module, net: torch.nn.Module, decay: float) -> None:
+    """average <- decay * average + (1 - decay) * net, for every floating-point parameter and buffer."""
+    for mean, value in zip(average.state_dict().values(), net.state_dict().values()):
+        if mean.is_floating_point():
+            mean.lerp_(value, 1.0 - decay)
+        else:
+            mean.copy_(value)
+
+
+def cpu_state(net: torch.nn.Module) -> dict:
+    return {k: v.detach().cpu() for k, v in net.state_dict().items()}
 
 
 class EpochSampler(Sampler[int]):
@@ -507,6 +537,7 @@ class Trainer:
         memory_format = torch.channels_last if self.channels_last else torch.preserve_format
         self.net = self.net.to(env.device, memory_format=memory_format)
         self.model = self._wrap_ddp(self.net)
+        self.ema = averaged_copy(self.net) if config["ema_decay"] > 0 else None
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config["lr"])
         self.amp_dtype = amp_dtype(env.device)
         self.scaler = torch.amp.GradScaler(env.device.type, enabled=self.amp_dtype == torch.float16)
@@ -589,7 +620,14 @@ class Trainer:
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        if self.ema is not None:
+            update_average(self.ema, self.net, ema_decay_at(self.global_step, self.config["ema_decay"]))
         return l1_value, kl_value
+
+    @property
+    def synthesis_net(self) -> torch.nn.Module:
+        """The weights that validation, the checkpoint's ``state_dict`` and predict use: the average when kept."""
+        return self.ema if self.ema is not None else self.net
 
     def run_epoch(self, deadline: float = math.inf) -> EpochResult:
         """Train through the rest of the current epoch, or until ``deadline`` (time.monotonic) passes."""
@@ -632,13 +670,14 @@ class Trainer:
         error, data range 1); SSIM is torchmetrics' 2D SSIM averaged over slices. Not the
         evaluation protocol: whole volumes, brain masks and BraSyn scores are ``mrisynth evaluate``'s job.
         """
-        self.net.eval()
+        net = self.synthesis_net
+        net.eval()
         sums = torch.zeros(3, dtype=torch.float64, device=self.env.device)
         n_pixels = n_slices = 0
         for stack, missing in self.val_loader:
             inputs, target = self._batch(stack, missing)
             with self._autocast():
-                pred = self.net(inputs)[0][:, :1]  # the synthesis (channel 1 of a scale model is log b)
+                pred = net(inputs)[0][:, :1]  # the synthesis (channel 1 of a scale model is log b)
             pred = pred.float()
             error = pred - target
             ssim = structural_similarity_index_measure(pred, target, data_range=1.0, reduction="sum")
@@ -658,12 +697,13 @@ class Trainer:
         """Everything to synthesize and to resume; a collective call (it gathers every rank's RNG state)."""
         rng_states = distributed.all_gather_objects(rng_state(self.env.device), self.env)
         checkpoint = checkpoint_metadata(
-            self.net, self.target, self.config["preprocess"],
+            self.synthesis_net, self.target, self.config["preprocess"],
             epoch=self.epoch, step=self.global_step, metrics=dict(metrics),
             data=fingerprint, config=copy.deepcopy(self.config), versions=versions(),
         )
-        checkpoint["state_dict"] = {k: v.detach().cpu() for k, v in self.net.state_dict().items()}
+        checkpoint["state_dict"] = cpu_state(self.synthesis_net)
         checkpoint["train_state"] = {
+            "net": cpu_state(self.net) if self.ema is not None else None,  # the trained (not averaged) weights
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
             "epoch": self.epoch,
@@ -677,8 +717,12 @@ class Trainer:
 
     def restore(self, checkpoint: dict, log: Callable[[str], None]) -> None:
         """Continue from a checkpoint written by :meth:`checkpoint`."""
-        self.net.load_state_dict(checkpoint["state_dict"])
         state = checkpoint["train_state"]
+        if self.ema is not None:
+            self.ema.load_state_dict(checkpoint["state_dict"])
+            self.net.load_state_dict(state["net"])
+        else:
+            self.net.load_state_dict(checkpoint["state_dict"])
         self.optimizer.load_state_dict(state["optimizer"])
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
