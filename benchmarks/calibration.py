@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
             print(lines[-1], flush=True)
         print(f"{name}: {time.perf_counter() - start:.0f} s", flush=True)
     print()
-    print(f"command: {command_line('benchmarks/calibration.py', argv if argv is not None else sys.argv[1:])}")
+    print(f"command: {command_line('calibration.py', argv if argv is not None else sys.argv[1:])}")
     print(f"machine: {machine_line(machine_info(args.threads))}; {commit_line(git_commit())}")
     print(f"held out: {len(test_cases)} cases; raw → calibrated")
     print("| model | target | validation brain PSNR | decision | held-out brain PSNR | brain SSIM 3D | BraSyn SSIM tumour | BraSyn SSIM non-tumour |")

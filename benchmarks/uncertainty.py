@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--target", default="flair")
     parser.add_argument("--samples", type=int, default=8, help="posterior samples per case (default 8)")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--figure", type=Path, default=Path("docs/img/uncertainty.png"))
+    parser.add_argument("--figure", type=Path, help="PNG of the first case's std map beside its error map (default: none)")
     parser.add_argument("--out", type=Path, help="JSON with the per-case figures")
     args = parser.parse_args(argv)
     if args.quality_run:
@@ -96,17 +96,19 @@ def main(argv: list[str] | None = None) -> int:
         summary[f"{name}mean"] = statistics.mean(rhos)
         summary[f"{name}sd"] = statistics.stdev(rhos) if len(rhos) > 1 else 0.0
     summary["n"] = len(rows)
-    case_id, (std, error, affine, mask) = first
-    plot_uncertainty(std, error, args.figure, affine=affine, mask=mask,
-                     title=f"{case_id}: {args.target} posterior std ({args.samples} samples) vs |error|, "
-                           f"Spearman {rows[0]['spearman']:.2f}")
+    if args.figure:
+        case_id, (std, error, affine, mask) = first
+        plot_uncertainty(std, error, args.figure, affine=affine, mask=mask,
+                         title=f"{case_id}: {args.target} posterior std ({args.samples} samples) vs |error|, "
+                               f"Spearman {rows[0]['spearman']:.2f}")
     print()
-    print(f"command: {command_line('benchmarks/uncertainty.py', argv if argv is not None else sys.argv[1:])}")
+    print(f"command: {command_line('uncertainty.py', argv if argv is not None else sys.argv[1:])}")
     print(f"machine: {machine_line(machine_info(args.threads))}; {commit_line(__import__('_common').git_commit())}")
     print(f"model: {args.model}; target {args.target}; {args.samples} posterior samples")
     print(f"Spearman(std, |error|) over brain voxels: {summary['mean']:.3f} ± {summary['sd']:.3f} after percentile scaling, "
           f"{summary['output_scale_mean']:.3f} ± {summary['output_scale_sd']:.3f} in the output's scale (n = {summary['n']} cases)")
-    print(f"figure: {args.figure}")
+    if args.figure:
+        print(f"figure: {args.figure}")
     if args.out:
         args.out.write_text(json.dumps({"cases": rows, "summary": summary, "target": args.target,
                                         "samples": args.samples, "model": str(args.model)}, indent=1))
