@@ -12,6 +12,8 @@ scaled by its own percentiles, the sign of a compressed top end).
     python benchmarks/ablation.py --quality-run /tmp/runs/quality_flair --name median25 \\
         --set '{"preprocess": {"median_level": 0.25}}'            # ~15 min, one thread
     python benchmarks/ablation.py --quality-run /tmp/runs/quality_flair --name base --set '{}'
+    python benchmarks/ablation.py --quality-run /tmp/runs/quality_flair --name base --resume \
+        --minutes 30 --epochs 33    # finish a run the budget stopped (a busy machine) at its epoch cap
 
 Results: ``--out`` (default ``benchmarks/results/ablation``) / NAME / ``scores.json``, with the
 run folder and predictions beside it. Single runs vary by about 1 dB from seed to seed and with
@@ -46,6 +48,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="CPU threads (default 1)")
     p.add_argument("--out", type=Path, default=RESULTS_DIR / "ablation")
     p.add_argument("--cache-dir", type=Path, default=None, help="slice cache (default: the user cache)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue NAME's run (one the budget stopped before its epoch cap) with a fresh --minutes, "
+                        "then predict and score; --set is ignored (the run keeps its settings)")
     return p.parse_args(argv)
 
 
@@ -68,8 +73,14 @@ def main(argv: list[str] | None = None) -> None:
     overrides = json.loads(args.set)
     config = {"model": "lite_vae_unet", "target": "any", "max_minutes": args.minutes, "epochs": args.epochs,
               "val_slices": 128, "device": "cpu", **overrides}
+    if args.resume:  # the earlier scores (of the stopped run) are kept beside the new ones
+        earlier = folder / "scores.json"
+        overrides = json.loads(earlier.read_text())["settings"] if earlier.exists() else {}
+        if earlier.exists():
+            earlier.replace(folder / "scores_before_resume.json")
+        config = {"max_minutes": args.minutes, "epochs": args.epochs}
     start = time.perf_counter()
-    best = train(config, args.quality_run / "cases" / "train", folder / "run")
+    best = train(config, args.quality_run / "cases" / "train", folder / "run", resume=args.resume)
     train_s = time.perf_counter() - start
     synthesizer = Synthesizer.from_checkpoint(best, device="cpu", threads=args.threads)
     test_root = args.quality_run / "cases" / "test"
@@ -83,7 +94,7 @@ def main(argv: list[str] | None = None) -> None:
         scores[target] = {**{k: float(np.mean([r[k] for r in rows])) for k in ("psnr", "mae", "bias")}, "cases": rows}
         print(f"{args.name} {target}: brain PSNR {scores[target]['psnr']:.2f} dB, MAE {scores[target]['mae']:.4f}, "
               f"bias {scores[target]['bias']:+.3f}", flush=True)
-    report = {"name": args.name, "settings": overrides, "train_s": round(train_s, 1), "command": command_line("ablation.py", argv),
+    report = {"name": args.name, "settings": overrides, "train_s": round(train_s, 1), "resumed": args.resume, "command": command_line("ablation.py", argv),
               "commit": commit_line(git_commit()), "machine": machine_line(machine_info(args.threads)), "scores": scores}
     (folder / "scores.json").write_text(json.dumps(report, indent=1) + "\n")
 

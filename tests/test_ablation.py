@@ -1,6 +1,7 @@
-"""benchmarks/ablation.py's scoring: the protocol's brain PSNR, and a bias sign that means 'too bright'."""
+"""benchmarks/ablation.py: the protocol's brain PSNR, a bias sign that means 'too bright', and --resume."""
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -39,3 +40,39 @@ def test_brain_scores_match_mrisynth_evaluate_and_sign_the_bias(tmp_path: Path) 
     exact = ablation.brain_scores(pred_dir, tmp_path / "ref", "flair")[0]
     assert exact["psnr"] == float("inf")
     assert exact["bias"] == 0
+
+
+def test_resume_continues_the_run_keeps_its_settings_and_the_earlier_scores(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    write_case(tmp_path / "q" / "cases" / "test")
+    calls = []
+
+    def fake_train(config, data_root, run_dir, resume=False):
+        calls.append((config, resume))
+        return run_dir / "best.pt"
+
+    class FakeSynthesizer:
+        @staticmethod
+        def from_checkpoint(*args, **kwargs):
+            return FakeSynthesizer()
+
+        def predict(self, case, missing):
+            return None
+
+    monkeypatch.setattr(ablation, "use_cache_dir", lambda *args: None)  # leave the environment alone
+    monkeypatch.setattr(ablation.torch, "set_num_threads", lambda n: None)  # and this process's threads
+    monkeypatch.setattr(ablation, "train", fake_train)
+    monkeypatch.setattr(ablation, "Synthesizer", FakeSynthesizer)
+    monkeypatch.setattr(ablation, "write_result", lambda *args, **kwargs: None)
+    monkeypatch.setattr(ablation, "brain_scores", lambda *args: [{"case": "Case_001", "psnr": 20.0, "mae": 0.1, "bias": 0.0}])
+    common = ["--quality-run", str(tmp_path / "q"), "--name", "v", "--out", str(tmp_path / "out"), "--minutes", "5"]
+
+    ablation.main([*common, "--set", '{"ema_decay": 0.5}'])
+    assert calls[-1] == ({"model": "lite_vae_unet", "target": "any", "max_minutes": 5.0, "epochs": 100, "val_slices": 128,
+                          "device": "cpu", "ema_decay": 0.5}, False)
+    first = (tmp_path / "out" / "v" / "scores.json").read_text()
+
+    ablation.main([*common, "--epochs", "33", "--resume", "--set", '{"ignored": 1}'])
+    assert calls[-1] == ({"max_minutes": 5.0, "epochs": 33}, True)
+    assert (tmp_path / "out" / "v" / "scores_before_resume.json").read_text() == first
+    report = json.loads((tmp_path / "out" / "v" / "scores.json").read_text())
+    assert report["settings"] == {"ema_decay": 0.5} and report["resumed"] is True
