@@ -412,6 +412,7 @@ def test_a_model_recipe_sits_between_the_defaults_and_the_user_settings():
     assert (config["target"], config["lr"], config["batch_size"]) == ("any", recipe["lr"], recipe["batch_size"])
     assert config["preprocess"]["median_level"] == recipe["preprocess"]["median_level"] > 0
     assert config["mse_weight"] == recipe["mse_weight"] > 0 and resolve_config({})["mse_weight"] == 0
+    assert config["ema_decay"] == recipe["ema_decay"] > 0 and resolve_config({})["ema_decay"] == 0
     assert resolve_config({"model": "vae_unet"})["preprocess"]["median_level"] == 0  # the seed keeps its scaling
     assert resolve_config({"model": "lite_vae_unet", "lr": 1e-3, "target": "flair"})["lr"] == 1e-3
     seed = resolve_config({})
