@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+import yaml
 
 from mrisynth import demo
 from mrisynth.baselines import MOST_SIMILAR, copy_baseline, write_copy_baseline
@@ -71,6 +72,8 @@ def test_demo_runs_end_to_end_on_phantoms(tmp_path, monkeypatch):
     assert (out / "predictions" / "Phantom_003_flair.nii.gz").is_file()
     assert (out / "figures" / "Phantom_003_flair.png").stat().st_size > 10_000
     assert [c.id for c in discover_cases(out / "data" / "test")] == ["Phantom_003"]
+    saved = yaml.safe_load((out / "run" / "config.yaml").read_text())  # the demo's pins over the recipe
+    assert (saved["mse_weight"], saved["ema_decay"], saved["preprocess"]["median_level"]) == (0, 0, 0)
 
 
 @pytest.mark.slow
