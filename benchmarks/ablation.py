@@ -70,15 +70,16 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     use_cache_dir(args.cache_dir, args.quality_run)
     folder = args.out / args.name
-    overrides = json.loads(args.set)
-    config = {"model": "lite_vae_unet", "target": "any", "max_minutes": args.minutes, "epochs": args.epochs,
-              "val_slices": 128, "device": "cpu", **overrides}
-    if args.resume:  # the earlier scores (of the stopped run) are kept beside the new ones
-        earlier = folder / "scores.json"
+    earlier = folder / "scores.json"
+    if args.resume:  # the run keeps its settings; the stopped run's scores are kept beside the new ones
         overrides = json.loads(earlier.read_text())["settings"] if earlier.exists() else {}
         if earlier.exists():
             earlier.replace(folder / "scores_before_resume.json")
         config = {"max_minutes": args.minutes, "epochs": args.epochs}
+    else:
+        overrides = json.loads(args.set)
+        config = {"model": "lite_vae_unet", "target": "any", "max_minutes": args.minutes, "epochs": args.epochs,
+                  "val_slices": 128, "device": "cpu", **overrides}
     start = time.perf_counter()
     best = train(config, args.quality_run / "cases" / "train", folder / "run", resume=args.resume)
     train_s = time.perf_counter() - start

@@ -29,7 +29,7 @@ Term = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 TERMS: dict[str, Term | None] = {
     "L1 only": None,
-    "+ mse_weight (squared error)": lambda p, t: F.mse_loss(p, t),
+    "+ mse_weight (squared error)": F.mse_loss,
     "+ histogram_weight (sorted values)": histogram_l1,
     "+ ssim_weight (train.ssim_loss, two 1-D passes)": ssim_loss,
     "+ SSIM, torchmetrics 2-D window (not used)": lambda p, t: 1 - structural_similarity_index_measure(p, t, data_range=1.0),

@@ -87,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     for case_dir in args.cases:
         row, arrays = case_correlation(synth, case_dir, args.target, args.samples)
         rows.append(row)
-        first = first or (row["case"], arrays)
+        if args.figure and first is None:  # the volumes are kept only for the figure
+            first = (row["case"], arrays)
         print(f"{row['case']}: Spearman {row['spearman']:.3f} (output scale {row['spearman_output_scale']:.3f}) over {row['voxels']:,} brain voxels "
               f"(mean std {row['mean_std']:.4f}, mean |error| {row['mean_error']:.4f}, {row['seconds']} s)", flush=True)
     summary = {}
