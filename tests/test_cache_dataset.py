@@ -12,7 +12,7 @@ from conftest import real_data_or_skip
 from mrisynth import cache as cache_mod
 from mrisynth.cache import CachedCase, default_cache_dir, load_cached_case
 from mrisynth.cases import discover_cases, find_case
-from mrisynth.dataset import SliceDataset, assemble_input, check_target_mode, in_channels_for
+from mrisynth.dataset import SliceDataset, assemble_input, check_target_mode, in_channels_for, neighbour_positions
 from mrisynth.errors import DataError
 from mrisynth.io import read_images
 from mrisynth.modalities import MODALITIES
@@ -276,6 +276,68 @@ def test_assemble_input_any():
 @pytest.mark.parametrize("target, channels", [("any", 8), ("flair", 3), ("t1n", 3)])
 def test_in_channels(target, channels):
     assert in_channels_for(target) == channels
+
+
+@pytest.mark.parametrize("target, context, channels", [("any", 1, 16), ("any", 2, 24), ("flair", 1, 9), ("t1", 2, 15)])
+def test_in_channels_with_context(target, context, channels):
+    assert in_channels_for(target, context) == channels
+
+
+def test_neighbour_positions_repeat_the_edge_slices():
+    found = neighbour_positions(np.array([0, 1, 4]), 5, 2)
+    assert found.tolist() == [[0, 0, 0, 1, 2], [0, 0, 1, 2, 3], [2, 3, 4, 4, 4]]
+    assert neighbour_positions(np.array([3]), 5, 0).tolist() == [[3]]
+
+
+def context_batch() -> torch.Tensor:
+    """[2, 4, 3, 2, 2]: sample b, modality c, depth d filled with 100*b + 10*c + d (traceable)."""
+    values = torch.arange(2)[:, None, None] * 100 + torch.arange(4)[None, :, None] * 10 + torch.arange(3)[None, None, :]
+    return values[..., None, None].expand(2, 4, 3, 2, 2).float().clone()
+
+
+def test_assemble_input_any_with_context():
+    inputs, target = assemble_input(context_batch(), torch.tensor([2, 0]), "any")
+    assert inputs.shape == (2, in_channels_for("any", 1), 2, 2) and target.shape == (2, 1, 2, 2)
+    # modality-major: t1 below, centre, above; t1ce ...; the missing modality's slices all zeroed
+    assert inputs[0, :, 0, 0].tolist() == [0, 1, 2, 10, 11, 12, 0, 0, 0, 30, 31, 32, 0, 0, 1, 0]
+    assert inputs[1, :, 1, 1].tolist() == [0, 0, 0, 110, 111, 112, 120, 121, 122, 130, 131, 132, 1, 0, 0, 0]
+    assert target[:, 0, 0, 0].tolist() == [21, 101]  # the centre slice of the missing modality
+
+
+def test_assemble_input_fixed_target_with_context():
+    inputs, target = assemble_input(context_batch(), torch.tensor([3, 3]), "flair")
+    assert inputs.shape == (2, 9, 2, 2)
+    assert inputs[1, :, 0, 1].tolist() == [100, 101, 102, 110, 111, 112, 120, 121, 122]
+    assert target[:, 0, 1, 0].tolist() == [31, 131]
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_items_with_context_are_the_slice_and_its_neighbours(train):
+    case = fake_case(6, size=48)
+    flat = SliceDataset([case], "any", crop=32, train=train)
+    deep = SliceDataset([case], "any", crop=32, train=train, context=1)
+    for i in range(len(deep)):
+        stack, missing = deep[i]
+        centre, same_missing = flat[i]
+        assert stack.shape == (4, 3, 32, 32) and missing == same_missing
+        assert torch.equal(stack[:, 1], centre)  # same crop window and missing modality as without context
+        below, above = max(i - 1, 0), min(i + 1, len(deep) - 1)
+        assert torch.equal(stack[:, 0], flat_window(case, below, centre, i))
+        assert torch.equal(stack[:, 2], flat_window(case, above, centre, i))
+
+
+def flat_window(case, slice_i: int, centre: torch.Tensor, centre_i: int) -> torch.Tensor:
+    """Slice ``slice_i`` of ``case`` cut at the window where ``centre`` (slice ``centre_i``) was found."""
+    full = torch.from_numpy(case.slices[:, centre_i].astype(np.float32))
+    size = centre.shape[-1]
+    (x, y), = [(x, y) for x in range(full.shape[1] - size + 1) for y in range(full.shape[2] - size + 1)
+               if torch.equal(full[:, x : x + size, y : y + size], centre)]
+    return torch.from_numpy(case.slices[:, slice_i, x : x + size, y : y + size].astype(np.float32))
+
+
+def test_small_window_with_context_is_padded():
+    stack, _ = SliceDataset([fake_case(3, size=32)], "flair", crop=48, train=False, context=2)[0]
+    assert stack.shape == (4, 5, 48, 48) and stack[..., :8, :].abs().sum() == 0
 
 
 def test_bad_target_mode():

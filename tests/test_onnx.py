@@ -138,3 +138,19 @@ def test_an_exported_graph_carries_the_checkpoints_calibration(tmp_path):
     onnx_result = onnx_synth.predict(find_case(case))
     assert onnx_result.calibrated and torch_result.calibrated
     np.testing.assert_allclose(onnx_result.volume, torch_result.volume, atol=1e-4)
+
+
+def test_an_exported_context_model_keeps_its_context(tmp_path):
+    """A 2.5D checkpoint's export records its context slices, so ONNX Runtime gets the same wide input."""
+    torch.manual_seed(0)
+    net = build_model("lite_vae_unet", in_channels=in_channels_for("any", 1), base_channels=4)
+    checkpoint = save_checkpoint(tmp_path / "ctx.pt", {
+        **checkpoint_metadata(net, "any", PreprocessConfig(min_window=32).to_dict(), context_slices=1),
+        "state_dict": net.state_dict()})
+    onnx_synth = Synthesizer.from_checkpoint(export_onnx(checkpoint, tmp_path / "ctx.onnx"), device="cpu")
+    assert onnx_synth.context == 1
+    case = write_case(tmp_path / "data", modalities=("t1", "t1ce", "t2"), shape=(40, 48, 12))
+    from mrisynth.cases import find_case
+
+    torch_result = Synthesizer.from_checkpoint(checkpoint, device="cpu").predict(find_case(case))
+    np.testing.assert_allclose(onnx_synth.predict(find_case(case)).volume, torch_result.volume, atol=1e-4)

@@ -13,8 +13,9 @@ from conftest import BRATS_AFFINE, write_case
 from mrisynth.cases import Case, find_case
 from mrisynth.checkpoint import checkpoint_metadata, export_safetensors, save_checkpoint
 from mrisynth.cli import main
-from mrisynth.dataset import in_channels_for
+from mrisynth.dataset import assemble_input, in_channels_for
 from mrisynth.errors import DataError, UsageError
+from mrisynth.io import read_images
 from mrisynth.models import build_model
 from mrisynth.predict import AUGMENTATIONS, Synthesizer, augment, output_path, predict_folder, unaugment
 from mrisynth.preprocess import PreprocessConfig, brain_mask, prepare
@@ -336,4 +337,49 @@ def test_a_checkpoint_with_unworkable_preprocessing_is_refused_in_one_line(tmp_p
     checkpoint["preprocess"][setting] = value
     torch.save(checkpoint, path)
     with pytest.raises(DataError, match=f"preprocessing setting {setting}: expected"):
+        Synthesizer.from_checkpoint(path, device="cpu")
+
+
+# --- 2.5D input (context slices) --------------------------------------------------------------
+
+
+def make_context_checkpoint(path: Path, context: int, in_channels: int | None = None) -> Path:
+    torch.manual_seed(0)
+    channels = in_channels or in_channels_for("any", context)
+    model = build_model("lite_vae_unet", in_channels=channels, base_channels=4)
+    config = PreprocessConfig(min_window=32)
+    checkpoint = {**checkpoint_metadata(model, "any", config.to_dict(), context_slices=context), "state_dict": model.state_dict()}
+    return save_checkpoint(path, checkpoint)
+
+
+def test_a_context_model_sees_each_slice_with_its_neighbours(case_factory, tmp_path) -> None:
+    """Every synthesized slice is the network's output for that brain slice and the ones on either
+    side (the edge slice repeated), built exactly as training builds them."""
+    synth = Synthesizer.from_checkpoint(make_context_checkpoint(tmp_path / "c.pt", 1), device="cpu")
+    case = find_case(three_inputs(case_factory))
+    volumes, geometry = read_images({m: case.modalities[m] for m in THREE})
+    prepared = prepare(volumes, geometry.affine, synth.config, synth._mask(volumes, geometry, None))
+    mean, _ = synth._infer(prepared, "flair", samples=1, batch_size=3)
+    brain = prepared.brain_slices
+    for position in (0, len(brain) // 2, len(brain) - 1):
+        around = brain[np.clip(np.arange(position - 1, position + 2), 0, len(brain) - 1)]
+        stack = torch.from_numpy(prepared.slices[:, around][None].copy())  # [1, 4, 3, H, W]
+        x, _ = assemble_input(stack, torch.tensor([3]), "any")
+        with torch.inference_mode():
+            expected = synth.model(x)[0][0, 0].numpy()
+        np.testing.assert_allclose(mean[position], expected, atol=1e-5)
+    # and it is not the single-slice answer: the neighbours matter
+    flat = torch.from_numpy(prepared.slices[:, brain[1:2]][None].repeat(3, axis=2).copy())
+    x, _ = assemble_input(flat, torch.tensor([3]), "any")
+    with torch.inference_mode():
+        assert not np.allclose(mean[1], synth.model(x)[0][0, 0].numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize("context, in_channels, message", [
+    (1, 8, "with 1 context slices needs 16 input channels, the checkpoint's model has 8"),
+    (-1, 8, "context_slices to be 0 or a positive integer, found -1"),
+])
+def test_a_checkpoint_whose_context_does_not_fit_its_model_is_refused(tmp_path, context, in_channels, message) -> None:
+    path = make_context_checkpoint(tmp_path / "c.pt", context, in_channels)
+    with pytest.raises(DataError, match=message):
         Synthesizer.from_checkpoint(path, device="cpu")

@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
 import torch
@@ -89,7 +90,7 @@ def test_default_config_is_the_seed_recipe() -> None:
                 "batch_size": 4, "epochs": 10, "crop": 160, "seed": 0, "slices_per_epoch": None,
                 "max_minutes": None, "num_workers": 0, "deterministic": False, "histogram_weight": 0.0,
                 "mse_weight": 0.0, "ssim_weight": 0.0, "lr_schedule": "constant", "calibrate": False,
-                "ema_decay": 0.0}
+                "ema_decay": 0.0, "context_slices": 0}
     assert {k: config[k] for k in expected} == expected
     assert config["preprocess"] == {"low_percentile": 1.0, "high_percentile": 99.0, "min_window": 160, "multiple": 16,
                                     "median_level": 0.0}
@@ -114,6 +115,8 @@ def test_config_file_then_flags_override_defaults(tmp_path: Path) -> None:
         ({"crop": 40}, "crop: expected a positive multiple of 16"),
         ({"epochs": 0}, "epochs: expected at least 1"),
         ({"ema_decay": 1}, "ema_decay: expected 0 (off) or more, below 1"),
+        ({"context_slices": -1}, "context_slices: expected between 0 and 4"),
+        ({"context_slices": 1.5}, "context_slices: expected an integer"),
         ({"batch_size": 2.5}, "batch_size: expected an integer"),
         ({"preprocess": {"window": 3}}, "unknown preprocess setting(s) window"),
         ({"crop": 176}, "larger than preprocess.min_window"),
@@ -467,6 +470,23 @@ def test_a_scale_model_trains_and_its_checkpoint_keeps_the_scale_head(data_root:
     model = build_model_from_checkpoint(checkpoint)
     pred, _, _ = model.eval()(torch.rand(1, 8, 32, 32), sample=True)
     assert pred.shape == (1, 2, 32, 32)
+
+
+def test_a_context_model_trains_on_neighbouring_slices_and_predicts_with_them(data_root: Path, tmp_path: Path) -> None:
+    """2.5D end to end: the checkpoint records the context, its network takes the wider input, and
+    prediction (which reads the context from the checkpoint) synthesizes a full case with it."""
+    from mrisynth.cases import discover_cases
+    from mrisynth.predict import Synthesizer
+
+    config = {**tiny(model="lite_vae_unet", target="any", context_slices=1), "model_options": {"base_channels": 4}}
+    best = train(config, data_root, tmp_path / "run")
+    checkpoint = load_checkpoint(best)
+    assert checkpoint["context_slices"] == 1 and checkpoint["model"]["in_channels"] == 16
+    synthesizer = Synthesizer.from_checkpoint(best, device="cpu")
+    assert synthesizer.context == 1
+    case = discover_cases(data_root)[0]
+    result = synthesizer.predict(case, missing="flair")
+    assert result.volume.shape == nib.load(case.modalities["t1"]).shape and np.isfinite(result.volume).all()
 
 
 def test_histogram_l1_compares_intensity_distributions_not_positions() -> None:

@@ -35,7 +35,7 @@ from .io import first_line, temp_path_beside
 METADATA_KEY = "mrisynth"
 INPUT_NAME, OUTPUT_NAME = "input", "synthesis"
 EXPORT_SIZE = 160  # example height and width; the exported graph takes any multiple of 16
-METADATA_FIELDS = ("format", "format_version", "mrisynth_version", "model", "target", "preprocess", "calibration")
+METADATA_FIELDS = ("format", "format_version", "mrisynth_version", "model", "target", "context_slices", "preprocess", "calibration")
 INSTALL_HINT = "pip install 'mrisynth[onnx]'"
 
 

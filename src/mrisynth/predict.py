@@ -21,7 +21,7 @@ import torch
 from .calibration import Calibration, calibrate
 from .cases import STD_SUFFIX, Case, discover_cases
 from .checkpoint import build_model_from_checkpoint, load_checkpoint
-from .dataset import assemble_input, check_target_mode, in_channels_for
+from .dataset import assemble_input, check_target_mode, in_channels_for, neighbour_positions
 from .errors import DataError, MrisynthError, UsageError
 from .io import Geometry, OutputExistsError, check_same_grid, geometry_of, load_volume, open_nifti, read_images, write_volume
 from .modalities import MODALITIES, canonical
@@ -86,13 +86,14 @@ class Synthesizer:
 
     def __init__(
         self, model: torch.nn.Module, target: str, config: PreprocessConfig, device: torch.device,
-        calibration: Calibration | None = None,
+        calibration: Calibration | None = None, context: int = 0,
     ) -> None:
         self.model = model.to(device).eval()
         self.target = target  # a canonical modality (fixed-target model) or "any"
         self.config = config
         self.device = device
         self.calibration = calibration  # output intensity calibration fitted in training (see calibration.py)
+        self.context = context  # neighbouring slices on either side in the input (2.5D), as trained
 
     @classmethod
     def from_checkpoint(
@@ -117,10 +118,14 @@ class Synthesizer:
             target = check_target_mode(str(metadata["target"]))
         except (ValueError, TypeError):
             raise DataError(f"{path}: checkpoint has an unknown target '{metadata['target']}'") from None
+        context = metadata.get("context_slices", 0)
+        if isinstance(context, bool) or not isinstance(context, int) or context < 0:
+            raise DataError(f"{path}: expected the checkpoint's context_slices to be 0 or a positive integer, found {context!r}")
         in_channels = metadata["model"].get("in_channels") if isinstance(metadata["model"], dict) else None
-        if in_channels != in_channels_for(target):
+        if in_channels != in_channels_for(target, context):
             raise DataError(
-                f"{path}: a '{target}' model needs {in_channels_for(target)} input channels, the checkpoint's model has {in_channels}"
+                f"{path}: a '{target}' model with {context} context slices needs {in_channels_for(target, context)} "
+                f"input channels, the checkpoint's model has {in_channels}"
             )
         if model is None:
             try:
@@ -134,7 +139,7 @@ class Synthesizer:
             calibration = Calibration.from_dict(metadata.get("calibration"))
         except (ValueError, TypeError) as exc:
             raise DataError(f"{path}: the checkpoint's intensity calibration is malformed ({exc})") from None
-        return cls(model, target, config, torch_device, calibration)
+        return cls(model, target, config, torch_device, calibration, context)
 
     @property
     def modalities(self) -> list[str]:
@@ -263,12 +268,17 @@ class Synthesizer:
         with torch.inference_mode(), torch.random.fork_rng(devices=self._rng_devices()):
             torch.manual_seed(0)  # sampling is reproducible run to run
             for start in range(0, len(brain), batch_size):
-                chosen = brain[start : start + batch_size]
-                stack = torch.from_numpy(np.ascontiguousarray(prepared.slices[:, chosen].transpose(1, 0, 2, 3)))
-                missing = torch.full((len(chosen),), index, dtype=torch.long)
+                positions = np.arange(start, min(start + batch_size, len(brain)))
+                if self.context:  # [B, 2k+1] brain slices around each: the stack is [B, 4, 2k+1, H, W]
+                    chosen = brain[neighbour_positions(positions, len(brain), self.context)]
+                    order: tuple[int, ...] = (1, 0, 2, 3, 4)
+                else:
+                    chosen, order = brain[positions], (1, 0, 2, 3)
+                stack = torch.from_numpy(np.ascontiguousarray(prepared.slices[:, chosen].transpose(order)))
+                missing = torch.full((len(positions),), index, dtype=torch.long)
                 x, _ = assemble_input(stack, missing, target)
                 x = x.to(self.device)
-                end = start + len(chosen)
+                end = start + len(positions)
                 if samples == 1:
                     mean[start:end] = self.model(x)[0][:, 0].float().cpu().numpy()
                     continue

@@ -61,7 +61,8 @@ from .preprocess import PreprocessConfig
 RESUME_OVERRIDABLE = ("epochs", "max_minutes", "device", "num_workers")
 
 LR_SCHEDULES = ("constant", "cosine")
-_INT_KEYS = ("batch_size", "epochs", "crop", "seed", "num_workers", "val_cases", "val_slices", "slices_per_epoch")
+MAX_CONTEXT = 4  # neighbouring slices on either side (2.5D input); 9 slices per modality at most
+_INT_KEYS = ("batch_size", "epochs", "crop", "context_slices", "seed", "num_workers", "val_cases", "val_slices", "slices_per_epoch")
 _FLOAT_KEYS = ("beta", "beta_warmup", "histogram_weight", "mse_weight", "ssim_weight", "ema_decay", "lr", "val_fraction", "max_minutes")
 _OPTIONAL_KEYS = ("val_cases", "val_slices", "slices_per_epoch", "max_minutes")
 _SECTION_KEYS = ("model_options", "preprocess")
@@ -185,6 +186,7 @@ def _check_ranges(config: dict) -> None:
         ("beta_warmup", 0 <= config["beta_warmup"] <= 1, "between 0 and 1"),
         ("val_fraction", 0 < config["val_fraction"] < 1, "between 0 and 1"),
         ("crop", config["crop"] >= 16 and config["crop"] % 16 == 0, "a positive multiple of 16"),
+        ("context_slices", 0 <= config["context_slices"] <= MAX_CONTEXT, f"between 0 and {MAX_CONTEXT}"),
         ("num_workers", config["num_workers"] >= 0, "0 or more"),
         ("val_cases", config["val_cases"] is None or config["val_cases"] >= 1, "at least 1"),
         ("val_slices", config["val_slices"] is None or config["val_slices"] >= 1, "at least 1"),
@@ -532,7 +534,8 @@ class Trainer:
         self.env = env
         self.target = config["target"]
         torch.manual_seed(config["seed"])  # the same initial weights on every rank
-        self.net = build_model(config["model"], in_channels_for(self.target), 1, **config["model_options"])
+        self.context = config["context_slices"]
+        self.net = build_model(config["model"], in_channels_for(self.target, self.context), 1, **config["model_options"])
         self.channels_last = env.device.type == "cuda"
         memory_format = torch.channels_last if self.channels_last else torch.preserve_format
         self.net = self.net.to(env.device, memory_format=memory_format)
@@ -543,7 +546,9 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(env.device.type, enabled=self.amp_dtype == torch.float16)
         torch.manual_seed(config["seed"] + env.rank)  # each rank draws its own latent noise
 
-        self.train_set = SliceDataset(train_cases, self.target, config["crop"], train=True, seed=config["seed"])
+        self.train_set = SliceDataset(
+            train_cases, self.target, config["crop"], train=True, seed=config["seed"], context=self.context
+        )
         self.sampler = EpochSampler(
             len(self.train_set), config["slices_per_epoch"], config["seed"], env.rank, env.world_size
         )
@@ -554,7 +559,7 @@ class Trainer:
             self.train_set, batch_size=config["batch_size"], sampler=self.sampler,
             generator=torch.Generator().manual_seed(config["seed"]), **loader_options,
         )
-        self.val_set = SliceDataset(val_cases, self.target, config["crop"], train=False)
+        self.val_set = SliceDataset(val_cases, self.target, config["crop"], train=False, context=self.context)
         self.val_loader = DataLoader(
             self.val_set, batch_size=config["batch_size"], generator=torch.Generator(),
             sampler=validation_indices(len(self.val_set), config["val_slices"], env), **loader_options,
@@ -697,7 +702,7 @@ class Trainer:
         """Everything to synthesize and to resume; a collective call (it gathers every rank's RNG state)."""
         rng_states = distributed.all_gather_objects(rng_state(self.env.device), self.env)
         checkpoint = checkpoint_metadata(
-            self.synthesis_net, self.target, self.config["preprocess"],
+            self.synthesis_net, self.target, self.config["preprocess"], context_slices=self.context,
             epoch=self.epoch, step=self.global_step, metrics=dict(metrics),
             data=fingerprint, config=copy.deepcopy(self.config), versions=versions(),
         )
