@@ -225,8 +225,9 @@ def test_brasyn_normalise_raises_a_negative_lower_bound_to_zero() -> None:
 # BraSyn protocol
 # ----------------------------------------------------------------------------------------
 
-def _brasyn_by_hand(reference: np.ndarray, prediction: np.ndarray, seg: np.ndarray) -> tuple[float, float]:
-    """Independent re-statement of the challenge recipe with a plain torchmetrics call."""
+def _brasyn_by_hand(reference: np.ndarray, prediction: np.ndarray, seg: np.ndarray) -> tuple[float, float, float]:
+    """Independent re-statement of the challenge recipe with a plain torchmetrics call: tumour,
+    non-tumour, and the tumour's SSIM map averaged over its voxels (the organisers' indexing)."""
 
     def scale(v: np.ndarray) -> np.ndarray:
         lo, hi = np.percentile(v, [0.5, 99.5])
@@ -237,9 +238,10 @@ def _brasyn_by_hand(reference: np.ndarray, prediction: np.ndarray, seg: np.ndarr
     r = torch.from_numpy(scale(reference.astype(np.float64)).astype(np.float32))[None, None]
     p = torch.from_numpy(scale(prediction.astype(np.float64)).astype(np.float32))[None, None]
     tt = torch.from_numpy(t)[None, None]
-    tumour = structural_similarity_index_measure(p * tt, r * tt)
+    tumour, tumour_map = structural_similarity_index_measure(p * tt, r * tt, return_full_image=True)
     healthy = structural_similarity_index_measure(p * (1 - tt), r * (1 - tt))
-    return float(tumour), float(healthy)
+    region = float(tumour_map[tt.bool()].double().mean())
+    return float(tumour), float(healthy), region
 
 
 def test_brasyn_ssim_matches_plain_torchmetrics_on_whole_volumes() -> None:
@@ -250,9 +252,11 @@ def test_brasyn_ssim_matches_plain_torchmetrics_on_whole_volumes() -> None:
     for centre in ((20, 30, 20), (32, 32, 6)):  # well inside, and within 11 voxels of the z border
         seg = _ellipsoid(shape, centre, (5, 4, 3)).astype(np.uint8)
         result = metrics.brasyn_metrics(reference, prediction, seg)
-        tumour, healthy = _brasyn_by_hand(reference, prediction, seg)
+        tumour, healthy, region = _brasyn_by_hand(reference, prediction, seg)
         assert result["ssim_tumour"] == pytest.approx(tumour, abs=1e-6)
         assert result["ssim_nontumour"] == pytest.approx(healthy, abs=1e-6)
+        assert result["ssim_tumour_region"] == pytest.approx(region, abs=1e-5)
+        assert 1 - result["ssim_tumour_region"] > 20 * (1 - result["ssim_tumour"])  # not pinned near 1 by the background
 
 
 def test_psnr_full_includes_the_background() -> None:
@@ -269,7 +273,7 @@ def test_without_segmentation_brasyn_ssim_is_skipped() -> None:
     reference, mask, _ = _phantom()
     prediction = _noisy(reference, mask, 0.1)
     result = metrics.evaluate_volumes(reference, prediction, mask, seg=None)
-    assert result["ssim_tumour"] is None and result["ssim_nontumour"] is None
+    assert result["ssim_tumour"] is None and result["ssim_nontumour"] is None and result["ssim_tumour_region"] is None
     assert result["note"] == "no reference segmentation: BraSyn SSIM skipped"
     assert math.isfinite(result["psnr_full"])
     json.dumps(result, allow_nan=False)  # plain floats, None, str
@@ -279,7 +283,7 @@ def test_empty_segmentation_gives_none_not_nan() -> None:
     reference, mask, _ = _phantom()
     prediction = _noisy(reference, mask, 0.1)
     result = metrics.brasyn_metrics(reference, prediction, np.zeros(SHAPE, dtype=np.uint8))
-    assert result["ssim_tumour"] is None
+    assert result["ssim_tumour"] is None and result["ssim_tumour_region"] is None
     assert "no tumour" in result["note"]
     assert 0.0 < result["ssim_nontumour"] < 1.0
 
@@ -287,7 +291,7 @@ def test_empty_segmentation_gives_none_not_nan() -> None:
 def test_evaluate_volumes_returns_one_flat_json_dict() -> None:
     reference, mask, seg = _phantom()
     result = metrics.evaluate_volumes(reference, _noisy(reference, mask, 0.1), mask, seg)
-    assert set(result) == {"psnr", "mae", "ssim2d", "ssim3d", "ssim_tumour", "ssim_nontumour", "psnr_full"}
+    assert set(result) == {"psnr", "mae", "ssim2d", "ssim3d", "ssim_tumour", "ssim_tumour_region", "ssim_nontumour", "psnr_full"}
     assert all(type(v) is float for v in result.values())
     json.dumps(result, allow_nan=False)
 
@@ -296,7 +300,7 @@ def test_more_noise_gives_worse_scores() -> None:
     reference, mask, seg = _phantom()
     rows = [metrics.evaluate_volumes(reference, _noisy(reference, mask, level), mask, seg)
             for level in (0.02, 0.05, 0.1, 0.2)]
-    for key in ("psnr", "ssim2d", "ssim3d", "ssim_tumour", "ssim_nontumour", "psnr_full"):
+    for key in ("psnr", "ssim2d", "ssim3d", "ssim_tumour", "ssim_tumour_region", "ssim_nontumour", "psnr_full"):
         values = [row[key] for row in rows]
         assert all(a > b for a, b in zip(values, values[1:])), (key, values)
     maes = [row["mae"] for row in rows]

@@ -32,7 +32,9 @@ from .modalities import MODALITIES, parse_filename, strip_nifti_extension
 from .predict import check_unambiguous
 from .preprocess import brain_mask
 
-METRIC_KEYS: tuple[str, ...] = ("psnr", "mae", "ssim2d", "ssim3d", "ssim_tumour", "ssim_nontumour", "psnr_full")
+METRIC_KEYS: tuple[str, ...] = (
+    "psnr", "mae", "ssim2d", "ssim3d", "ssim_tumour", "ssim_tumour_region", "ssim_nontumour", "psnr_full"
+)
 
 PROTOCOL = """\
 mrisynth evaluate protocol (every number, exactly):
@@ -59,8 +61,11 @@ BraSyn-challenge figures (for comparison with the leaderboard; not comparable wi
   and scaled to [0, 1]. T = reference segmentation > 0.
   ssim_tumour    = torchmetrics StructuralSimilarityIndexMeasure() (defaults: 11-tap Gaussian, sigma 1.5,
                    data range inferred) of prediction*T vs reference*T, mean over the whole volume.
-  ssim_nontumour = the same for prediction*(1-T) vs reference*(1-T).
-  Both are empty (null) when the reference case has no segmentation; ssim_tumour when T is empty.
+  ssim_tumour_region = the same SSIM map of prediction*T vs reference*T averaged over the voxels of T only
+                   (the organisers' script indexes the map with T; the whole-volume mean above stays
+                   near 1 for a small tumour whatever the synthesis).
+  ssim_nontumour = as ssim_tumour, for prediction*(1-T) vs reference*(1-T).
+  All three are empty (null) when the reference case has no segmentation; the tumour ones when T is empty.
   psnr_full      = 10 log10(1 / MSE) with the MSE over ALL voxels, background included (literature style;
                    the black background inflates it).
 Summary: per metric, mean and sample standard deviation (ddof 1; 0 for one case) over the cases where it
@@ -324,7 +329,8 @@ def _atomic_write(path: Path, text: str) -> None:
 # --- printing --------------------------------------------------------------------------------
 
 _COLUMNS = [("psnr", "PSNR", 2), ("mae", "MAE", 4), ("ssim2d", "SSIM2D", 4), ("ssim3d", "SSIM3D", 4),
-            ("ssim_tumour", "SSIM_T", 4), ("ssim_nontumour", "SSIM_NT", 4), ("psnr_full", "PSNR_full", 2)]
+            ("ssim_tumour", "SSIM_T", 4), ("ssim_tumour_region", "SSIM_Tregion", 4), ("ssim_nontumour", "SSIM_NT", 4),
+            ("psnr_full", "PSNR_full", 2)]
 
 
 def format_table(evaluation: Evaluation) -> str:
