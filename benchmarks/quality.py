@@ -237,9 +237,9 @@ def training_summary(run_dir: Path, best: Path, wall_s: float, config: dict) -> 
     }
 
 
-#: settings of a resolved training config that change what a run learns (a model's recipe included)
-RECIPE_KEYS = ("model", "model_options", "target", "lr", "batch_size", "beta", "beta_warmup", "histogram_weight", "mse_weight", "lr_schedule", "calibrate", "crop",
-               "seed", "preprocess", "slices_per_epoch", "val_fraction", "val_cases")
+#: settings of a resolved training config that do not change what a run learns; every other one
+#: (a model's recipe included, and any setting added later) must match for a run to be reused
+NON_RECIPE_KEYS = ("device", "num_workers", "deterministic")
 
 
 def check_reusable(info: dict, config: dict, train_pool: list[str]) -> None:
@@ -248,7 +248,7 @@ def check_reusable(info: dict, config: dict, train_pool: list[str]) -> None:
     same_pool = sorted(info["train_cases"] + info["val_cases"]) == sorted(train_pool)
     # a saved config takes the defaults (not today's recipe) for settings added since it was saved
     wanted, saved = resolve_config(config), resolve_config(load_checkpoint(info["checkpoint"])["config"], use_recipe=False)
-    same_recipe = all(wanted.get(k) == saved.get(k) for k in RECIPE_KEYS)
+    same_recipe = all(wanted.get(k) == saved.get(k) for k in set(wanted) | set(saved) if k not in NON_RECIPE_KEYS)
     if not same_pool or info["config"] != config or not same_recipe:
         sys.exit(f"{info['run_dir']} was trained with other settings or cases than this run asks for: "
                  "choose another --out (or delete that run folder)")
