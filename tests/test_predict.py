@@ -376,7 +376,7 @@ def test_a_context_model_sees_each_slice_with_its_neighbours(case_factory, tmp_p
 
 
 @pytest.mark.parametrize("context, in_channels, message", [
-    (1, 8, "with 1 context slices needs 16 input channels, the checkpoint's model has 8"),
+    (1, 8, "with context_slices 1 needs 16 input channels, the checkpoint.s model has 8"),
     (-1, 8, "context_slices to be 0 or a positive integer, found -1"),
 ])
 def test_a_checkpoint_whose_context_does_not_fit_its_model_is_refused(tmp_path, context, in_channels, message) -> None:

@@ -124,7 +124,7 @@ class Synthesizer:
         in_channels = metadata["model"].get("in_channels") if isinstance(metadata["model"], dict) else None
         if in_channels != in_channels_for(target, context):
             raise DataError(
-                f"{path}: a '{target}' model with {context} context slices needs {in_channels_for(target, context)} "
+                f"{path}: a '{target}' model with context_slices {context} needs {in_channels_for(target, context)} "
                 f"input channels, the checkpoint's model has {in_channels}"
             )
         if model is None:
