@@ -55,9 +55,10 @@ def assemble_input(stack: torch.Tensor, missing: torch.Tensor, target: str) -> t
     alike, so both see exactly the same inputs. Channels are modality-major (a modality's slices
     in order from below), then, for ``"any"``, the four missing-modality flags.
     """
-    centre = stack if stack.dim() == 4 else stack[:, :, stack.shape[2] // 2]
-    flat = stack if stack.dim() == 4 else stack.flatten(1, 2)
-    depth = 1 if stack.dim() == 4 else stack.shape[2]
+    if stack.dim() == 4:  # single slices: a depth of one
+        stack = stack[:, :, None]
+    depth = stack.shape[2]
+    centre, flat = stack[:, :, depth // 2], stack.flatten(1, 2)
     if check_target_mode(target) == "any":
         index = missing.long().view(-1, 1, 1, 1).expand(-1, 1, *centre.shape[2:])
         target_slices = torch.gather(centre, 1, index)
@@ -70,8 +71,7 @@ def assemble_input(stack: torch.Tensor, missing: torch.Tensor, target: str) -> t
     # a fixed target mode defines the target; ``missing`` cannot pick another modality
     fixed = MODALITIES.index(check_target_mode(target))
     others = [i for i in range(len(MODALITIES)) if i != fixed]
-    inputs = stack[:, others] if stack.dim() == 4 else stack[:, others].flatten(1, 2)
-    return inputs, centre[:, fixed : fixed + 1]
+    return stack[:, others].flatten(1, 2), centre[:, fixed : fixed + 1]
 
 
 class SliceDataset(Dataset):

@@ -343,7 +343,7 @@ def _torchmetrics_ssim_3d(
         return whole, None
     inside = region[box]
     n_region = int(region.sum())
-    region_sum = float(ssim_map[0, 0].double().numpy()[inside].sum())
+    region_sum = float(ssim_map[0, 0][torch.from_numpy(inside)].double().sum())
     return whole, (region_sum + (n_region - int(inside.sum())) * 1.0) / n_region
 
 

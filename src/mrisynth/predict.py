@@ -269,12 +269,8 @@ class Synthesizer:
             torch.manual_seed(0)  # sampling is reproducible run to run
             for start in range(0, len(brain), batch_size):
                 positions = np.arange(start, min(start + batch_size, len(brain)))
-                if self.context:  # [B, 2k+1] brain slices around each: the stack is [B, 4, 2k+1, H, W]
-                    chosen = brain[neighbour_positions(positions, len(brain), self.context)]
-                    order: tuple[int, ...] = (1, 0, 2, 3, 4)
-                else:
-                    chosen, order = brain[positions], (1, 0, 2, 3)
-                stack = torch.from_numpy(np.ascontiguousarray(prepared.slices[:, chosen].transpose(order)))
+                chosen = brain[neighbour_positions(positions, len(brain), self.context)]  # [B, 2k+1]
+                stack = torch.from_numpy(np.ascontiguousarray(prepared.slices[:, chosen].transpose(1, 0, 2, 3, 4)))
                 missing = torch.full((len(positions),), index, dtype=torch.long)
                 x, _ = assemble_input(stack, missing, target)
                 x = x.to(self.device)
