@@ -47,6 +47,8 @@ def test_both_columns_are_evaluate_metrics_of_the_raw_and_the_mapped_synthesis(t
     raw = synth.predict(case, missing="flair", calibrated=False).volume
     volumes, _ = read_images(case.modalities)
     mask = brain_mask([volumes[m] for m in ("t1", "t1ce", "t2")])
-    assert flair["test"]["raw"][0]["psnr"] == pytest.approx(evaluate_volumes(volumes["flair"], raw, mask)["psnr"], abs=1e-6)
+    expected = evaluate_volumes(volumes["flair"], raw, mask)
+    assert flair["test"]["raw"][0]["psnr"] == pytest.approx(expected["psnr"], abs=1e-6)
+    assert flair["test"]["raw"][0]["mae"] == pytest.approx(expected["mae"], abs=1e-6)  # every metric, not the table's four
     assert flair["test"]["raw"][0]["psnr"] != pytest.approx(flair["test"]["calibrated"][0]["psnr"], abs=1e-3)
     assert np.isfinite(flair["test"]["calibrated"][0]["ssim3d"])
