@@ -24,6 +24,8 @@ Usage, from the repository root (times for a quiet 2-core CPU)::
     .venv/bin/python benchmarks/quality.py --all-targets --publish  # the four targets: ~1 h 45 min
     .venv/bin/python benchmarks/quality.py --minutes 0.3 --test-cases 2 --max-train-cases 3 \\
         --out /tmp/q                                                # smoke test: a few minutes
+    .venv/bin/python benchmarks/quality.py --all-targets --models vae_unet --baselines --train-seed 1 \\
+        --threads 1 --out /tmp/q1                                   # the seed's models at training seed 1
 
 Where things go:
 
@@ -81,6 +83,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="root of BraTS cases, read only (default ../shared/data/brats18)")
     p.add_argument("--test-cases", type=int, default=5, help="held-out patients, the same for every contender (default 5)")
     p.add_argument("--split-seed", type=int, default=0, help="seed of the patient-level test split (default 0)")
+    p.add_argument("--train-seed", type=int, default=0,
+                   help="seed of every network's training, which also draws its validation patients from the training "
+                        "pool (default 0); the test split stays --split-seed's, so runs of two seeds pair case by case")
     p.add_argument("--max-train-cases", type=int, default=None,
                    help="use at most this many of the other patients to learn from (default: all; small for smoke runs)")
     p.add_argument("--target", default="flair", help="the modality to synthesize: t1, t1ce, t2 or flair (default flair)")
@@ -192,13 +197,21 @@ def run_baseline(contender: Contender, target: str, args: argparse.Namespace, tr
     return predict_cases(regression.predict, test_cases, pred_dir), fitted
 
 
+def training_config(model: str, train_target: str, args: argparse.Namespace) -> dict:
+    """The settings this benchmark gives a training run; the model's recipe supplies the rest."""
+    config = {"model": model, "target": train_target, "max_minutes": args.minutes, "epochs": args.epochs,
+              "val_slices": args.val_slices, "device": args.device}
+    if args.train_seed:  # absent for 0 (the default), so runs recorded before the option existed stay reusable
+        config["seed"] = args.train_seed
+    return config
+
+
 def train_network(contender: Contender, train_target: str, args: argparse.Namespace, train_root: Path,
                   train_pool: list[str]) -> dict:
     """Train one run with ``mrisynth.train.train`` under the common budget (or reuse a finished one)."""
     run_dir = args.out / "runs" / f"{contender.model}-{train_target}"
     marker = run_dir / TRAINING_MARKER
-    config = {"model": contender.model, "target": train_target, "max_minutes": args.minutes, "epochs": args.epochs,
-              "val_slices": args.val_slices, "device": args.device}
+    config = training_config(contender.model, train_target, args)
     if marker.exists():
         info = json.loads(marker.read_text())
         check_reusable(info, config, train_pool)
@@ -339,7 +352,7 @@ def markdown(report: dict) -> str:
         f"(networks: 20% of them for validation)  ",
         f"Training: every network run gets {settings['minutes']:g} min wall clock (validation on {settings['val_slices']} "
         f"slices included), at most {settings['epochs']} epochs, otherwise each model's recipe (configs/default.yaml, overlaid by configs/models/<model>.yaml where present); "
-        f"device {settings['device']}, {settings['threads']} threads.",
+        f"training seed {settings.get('train_seed', 0)}; device {settings['device']}, {settings['threads']} threads.",
         "",
         "| contender | target | PSNR dB (brain) | MAE (brain) | SSIM 2D (brain) | SSIM tumour (BraSyn) | SSIM non-tumour (BraSyn) "
         "| PSNR_full dB | ΔPSNR vs seed (cases better) | compute s/vol | total s/vol | learning |",

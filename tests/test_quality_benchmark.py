@@ -39,3 +39,16 @@ def test_a_run_that_learned_with_another_setting_is_not_reused(tmp_path: Path, k
     assert saved[key] != value  # the recipe asks for something else
     with pytest.raises(SystemExit, match="trained with other settings"):
         quality.check_reusable(finished_run(tmp_path, {**saved, key: value}), dict(ASKED), ["a", "b"])
+
+
+def test_a_training_seed_reaches_the_run_and_a_run_of_another_seed_is_not_reused(tmp_path: Path) -> None:
+    default = quality.training_config("vae_unet", "t1", quality.parse_args([]))
+    assert "seed" not in default and resolve_config(default)["seed"] == 0  # markers written before the option still match
+    asked = quality.training_config("lite_vae_unet", "any", quality.parse_args(["--train-seed", "1", "--minutes", "1",
+                                                                                "--epochs", "2", "--val-slices", "8"]))
+    assert asked == {**ASKED, "seed": 1} and resolve_config(asked)["seed"] == 1
+    seed0 = resolve_config(ASKED)
+    with pytest.raises(SystemExit, match="trained with other settings"):
+        quality.check_reusable(finished_run(tmp_path, seed0), asked, ["a", "b"])
+    run = finished_run(tmp_path, {**seed0, "seed": 1})
+    quality.check_reusable({**run, "config": asked}, asked, ["a", "b"])  # the same seed: reused
