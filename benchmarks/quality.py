@@ -144,7 +144,7 @@ def make_split(cases: list[Case], n_test: int, seed: int, max_train: int | None)
         "train_pool": sorted(c.id for c in cases if patient_id(c) in train_patients),
         "unused": sorted(c.id for c in cases if patient_id(c) not in test | train_patients),
         "note": "train_pool is all a contender may learn from; networks split it further into train and "
-                "validation patients (mrisynth.train, val_fraction 0.2, seed 0): see each run's splits.json",
+                "validation patients (mrisynth.train, val_fraction 0.2, seed --train-seed): see each run's splits.json",
     }
 
 
