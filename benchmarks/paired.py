@@ -40,14 +40,23 @@ def read_scores(path: Path, metrics: list[str]) -> dict[str, dict[str, float]]:
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise PairingError(f"{path}: expected the JSON file of `mrisynth evaluate --out`, found an unreadable file ({exc})") from None
     scores = {}
-    for row in rows:
-        missing = [m for m in metrics if not isinstance(row.get(m), (int, float))]
+    for row in rows if isinstance(rows, list) else [rows]:  # a lone row is named in the error below
+        if not isinstance(row, dict) or not isinstance(row.get("case"), str):
+            raise PairingError(f"{path}: expected per-case rows with a case name, found {str(row)[:60]}")
+        missing = [m for m in metrics if _number(row.get(m)) is None]
         if missing:
-            raise PairingError(f"{path}: case {row.get('case')} has no number for {', '.join(missing)}")
-        scores[row["case"]] = {m: float(row[m]) for m in metrics}
+            raise PairingError(f"{path}: case {row['case']} has no number for {', '.join(missing)}")
+        scores[row["case"]] = {m: _number(row[m]) for m in metrics}
     if not scores:
         raise PairingError(f"{path}: expected scored cases, found none")
     return scores
+
+
+def _number(value: Any) -> float | None:
+    """A metric as a float; evaluate writes an infinite PSNR (identical volumes) as the string "inf"."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    return float(value) if value in ("inf", "-inf") else None
 
 
 def paired_differences(first: dict, second: dict, metric: str, names: tuple[str, str]) -> list[float]:

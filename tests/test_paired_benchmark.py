@@ -46,6 +46,7 @@ def test_main_writes_the_table_and_json(tmp_path: Path, capsys: pytest.CaptureFi
 @pytest.mark.parametrize("second_rows, expected", [
     ({"A": {"psnr": 1.0}, "C": {"psnr": 1.0}}, "expected the same cases, found 2 in one only (B, C)"),
     ({"A": {"psnr": 1.0}, "B": {"mae": 1.0}}, "case B has no number for psnr"),
+    ({"A": {"psnr": 1.0}, "B": {"psnr": "n/a"}}, "case B has no number for psnr"),
 ])
 def test_cases_that_cannot_be_paired_are_refused(tmp_path: Path, capsys: pytest.CaptureFixture,
                                                  second_rows: dict, expected: str) -> None:
@@ -61,3 +62,14 @@ def test_a_file_that_is_not_an_evaluation_is_named(tmp_path: Path, capsys: pytes
     bad.write_text("[1, 2]")
     assert paired.main(["--pair", "s", str(a), str(bad), "--metric", "psnr"]) == 1
     assert f"{bad}: expected the JSON file of `mrisynth evaluate --out`" in capsys.readouterr().err
+
+
+def test_an_infinite_psnr_as_evaluate_writes_it_is_a_number_and_malformed_rows_are_named(tmp_path: Path,
+                                                                                         capsys: pytest.CaptureFixture) -> None:
+    a = _evaluation(tmp_path / "a.json", {"A": {"psnr": "inf"}})
+    b = _evaluation(tmp_path / "b.json", {"A": {"psnr": 20.0}})
+    assert paired.compare([("s", a, b)], ["psnr"])["pooled"]["psnr"]["difference"] == float("inf")
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"cases": [7]}')
+    assert paired.main(["--pair", "s", str(a), str(bad), "--metric", "psnr"]) == 1
+    assert f"{bad}: expected per-case rows with a case name, found 7" in capsys.readouterr().err
