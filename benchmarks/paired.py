@@ -40,7 +40,7 @@ def read_scores(path: Path, metrics: list[str]) -> dict[str, dict[str, float]]:
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise PairingError(f"{path}: expected the JSON file of `mrisynth evaluate --out`, found an unreadable file ({exc})") from None
     scores = {}
-    for row in rows if isinstance(rows, list) else [rows]:  # a lone row is named in the error below
+    for row in rows if isinstance(rows, list) else [None]:
         if not isinstance(row, dict) or not isinstance(row.get("case"), str):
             raise PairingError(f"{path}: expected per-case rows with a case name, found {str(row)[:60]}")
         missing = [m for m in metrics if _number(row.get(m)) is None]
