@@ -59,12 +59,11 @@ def _number(value: Any) -> float | None:
     return float(value) if value in ("inf", "-inf") else None
 
 
-def paired_differences(first: dict, second: dict, metric: str, names: tuple[str, str]) -> list[float]:
-    """first - second for every case, in case order; refused when the case sets differ."""
+def check_same_cases(first: dict, second: dict, names: tuple[Path, Path]) -> None:
+    """A paired difference over different patients would mean nothing: refuse it."""
     if set(first) != set(second):
         only = sorted(set(first) ^ set(second))
         raise PairingError(f"{names[0]} and {names[1]}: expected the same cases, found {len(only)} in one only ({', '.join(only[:3])})")
-    return [first[case][metric] - second[case][metric] for case in sorted(first)]
 
 
 def better(differences: list[float], metric: str) -> int:
@@ -79,9 +78,10 @@ def compare(pairs: list[tuple[str, Path, Path]], metrics: list[str]) -> dict[str
     pooled: dict[str, list[float]] = {m: [] for m in metrics}
     for label, first_path, second_path in pairs:
         first, second = read_scores(first_path, metrics), read_scores(second_path, metrics)
+        check_same_cases(first, second, (first_path, second_path))
         row: dict[str, Any] = {"label": label, "first": str(first_path), "second": str(second_path), "metrics": {}}
         for metric in metrics:
-            diffs = paired_differences(first, second, metric, (str(first_path), str(second_path)))
+            diffs = [first[case][metric] - second[case][metric] for case in sorted(first)]
             pooled[metric] += diffs
             row["metrics"][metric] = {
                 "first": statistics.mean(s[metric] for s in first.values()),
